@@ -1,0 +1,111 @@
+"""Shared helpers for the benchmarks: timing medians, peak memory in a fresh process, machine facts, JSON output.
+
+Figures on a shared 2-core machine are noisy, so every benchmark reports medians and ratios against a baseline
+measured in the same run, and keeps the raw runs in its JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # pragma: no cover - reporting only
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return platform.processor()
+
+
+def time_call(fn, *, repeats: int, warmup: int = 1) -> dict:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; returns the median and every run in seconds."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(runs), "runs_s": runs}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_memory_mb(fn) -> float:
+    """Peak resident memory ``fn`` adds on top of what the process holds before it (Linux).
+
+    Freed memory is handed back to the OS first and the high-water mark is reset, so a call that reuses memory an
+    earlier call freed is still counted. Run it in a fresh process (`measure_in_fresh_process`) for clean figures.
+    """
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_mb("VmRSS")
+    fn()
+    return max(0.0, _status_mb("VmHWM") - before)
+
+
+def measure_in_fresh_process(script: str, args: list[str], timeout: float = 3600) -> dict:
+    """Runs ``python script *args`` and parses the JSON object it prints last (used to measure peak memory alone)."""
+    result = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,310 @@
+# Copyright 2026 The DualRoute Authors. Licensed under the Apache License, Version 2.0.
+"""Level 2, `gather` backend: exact attention over the routed key blocks only, for CPU training and inference.
+
+Queries are cut into tiles. Each tile lists the key blocks its queries may use (its *slots*); per query block
+routing uses the query block as the tile, per token routing uses the union of the tile's token selections plus a
+per-row slot mask. For a chunk of tiles at a time, the kernel gathers the slot blocks of K and V, runs a masked
+softmax with plain batched matmuls and writes the output. Nothing of size ``q_len * k_len`` is ever built: the extra
+memory is one chunk of scores, a fixed budget. Half-precision inputs are computed in float32.
+
+The backward pass is written out (flash-attention style) instead of being left to autograd: the forward saves only
+q, k, v, the output and the row log-sum-exp, and the backward recomputes each chunk's scores. That keeps the saved
+state O(N * d) instead of the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
+slow twin this is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .routing_dualroute import indices_from_selection, num_blocks
+
+
+# Scores computed per chunk (float32 elements). Chosen by measurement on a 2-core CPU (benchmarks/README.md): a chunk
+# of scores that stays in the last-level cache, large enough that the batched matmuls run at full speed.
+SCORE_ELEMENTS_PER_CHUNK = 1 << 19
+
+# Query rows per tile when routing per token: tiles gather the union of their rows' blocks, so smaller tiles waste less
+# work on blocks a row did not choose, larger tiles give larger matmuls.
+PER_TOKEN_TILE_SIZE = 16
+
+
+@dataclass
+class TilePlan:
+    """Which key blocks each query tile attends to.
+
+    tile_size: query positions per tile.
+    kv_blocks: ``(b, hk, n_tiles, slots)`` key-block index of each slot, ``-1`` for an empty slot.
+    row_slots: ``(b, hk, n_tiles, tile_size, slots)`` bool, whether a query row of the tile uses the slot; ``None``
+        when every row of a tile uses every slot (per query block routing).
+    """
+
+    tile_size: int
+    kv_blocks: torch.Tensor
+    row_slots: torch.Tensor | None
+
+    @property
+    def n_tiles(self) -> int:
+        return self.kv_blocks.shape[2]
+
+
+def tile_plan_from_routes(
+    plan: torch.Tensor, *, per_token: bool, block_size: int, n_key_blocks: int, tile_size: int | None = None
+) -> TilePlan:
+    """Turns a routing plan into tiles. Per query block routing: one tile per query block, its selection as slots.
+
+    Per token routing ``plan (b, hk, lq, k)``: tiles of ``tile_size`` tokens whose slots are the union of the tokens'
+    selections, with a row-by-slot mask that keeps each token to its own blocks.
+    """
+    if not per_token:
+        return TilePlan(tile_size=block_size, kv_blocks=plan, row_slots=None)
+    tile_size = tile_size or PER_TOKEN_TILE_SIZE
+    batch, kv_heads, q_len, top_k = plan.shape
+    n_tiles = num_blocks(q_len, tile_size)
+    padded = torch.nn.functional.pad(plan, (0, 0, 0, n_tiles * tile_size - q_len), value=-1)
+    # one-hot of each token's selection over key blocks; column n_key_blocks catches the -1 padding
+    chosen = torch.zeros(batch, kv_heads, n_tiles * tile_size, n_key_blocks + 1, dtype=torch.bool, device=plan.device)
+    chosen.scatter_(-1, torch.where(padded < 0, n_key_blocks, padded), True)
+    chosen = chosen[..., :n_key_blocks].view(batch, kv_heads, n_tiles, tile_size, n_key_blocks)
+    union = chosen.any(3)  # b hk nt nk
+    slots = max(1, int(union.sum(-1).max()))
+    kv_blocks = indices_from_selection(union, slots)  # b hk nt slots
+    row_slots = chosen.gather(-1, kv_blocks.clamp(min=0)[:, :, :, None, :].expand(-1, -1, -1, tile_size, -1))
+    row_slots &= (kv_blocks >= 0)[:, :, :, None, :]
+    return TilePlan(tile_size=tile_size, kv_blocks=kv_blocks, row_slots=row_slots)
+
+
+class _Layout:
+    """Flattened views shared by the forward and backward passes.
+
+    Rows of a tile are ``(group head, tile position)`` pairs: the query heads that share a key/value head share its
+    routing, so their queries are stacked into one matmul against the same gathered keys. Key blocks are flattened over
+    ``(batch, kv head, block)``; an empty slot points at the head's block 0 and is masked out.
+    """
+
+    def __init__(
+        self, query_shape, key_shape, plan: TilePlan, block_size: int, key_valid, causal, query_offset, device, compute_dtype
+    ):
+        self.batch, self.q_heads, self.q_len, self.dim = query_shape
+        _, self.kv_heads, self.k_len, _ = key_shape
+        self.compute_dtype = compute_dtype
+        self.group = self.q_heads // self.kv_heads
+        self.block_size = block_size
+        self.tile_size = plan.tile_size
+        self.n_tiles = plan.n_tiles
+        self.n_key_blocks = num_blocks(self.k_len, block_size)
+        self.slots = plan.kv_blocks.shape[-1]
+        self.rows = self.group * self.tile_size  # query rows per tile
+        self.keys_per_tile = self.slots * block_size
+        self.n_flat_tiles = self.batch * self.kv_heads * self.n_tiles
+        self.n_flat_blocks = self.batch * self.kv_heads * self.n_key_blocks
+        self.causal = causal
+
+        kv_blocks = plan.kv_blocks.reshape(self.batch * self.kv_heads, self.n_tiles, self.slots)
+        head_base = torch.arange(self.batch * self.kv_heads, device=device)[:, None, None] * self.n_key_blocks
+        self.flat_blocks = (kv_blocks.clamp(min=0) + head_base).reshape(self.n_flat_tiles, self.slots)
+        empty_slots = kv_blocks < 0
+        self.slot_valid = ~empty_slots.reshape(self.n_flat_tiles, self.slots) if bool(empty_slots.any()) else None
+        self.row_slots = None
+        if plan.row_slots is not None:
+            self.row_slots = plan.row_slots.reshape(self.n_flat_tiles, self.tile_size, self.slots)
+
+        # Visibility of each key of each flat block: padding and the ragged tail of the last block.
+        self.key_valid = None
+        ragged = self.n_key_blocks * block_size != self.k_len
+        if key_valid is not None or ragged:
+            valid = torch.ones(self.batch, self.k_len, dtype=torch.bool, device=device) if key_valid is None else key_valid
+            valid = torch.nn.functional.pad(valid, (0, self.n_key_blocks * block_size - self.k_len), value=False)
+            valid = valid.view(self.batch, 1, self.n_key_blocks, block_size).expand(-1, self.kv_heads, -1, -1)
+            self.key_valid = valid.reshape(self.n_flat_blocks, block_size)
+        if causal:
+            tile_index = torch.arange(self.n_flat_tiles, device=device) % self.n_tiles
+            self.tile_start = query_offset + tile_index * self.tile_size  # key position of each tile's first query
+            self.row_offset = torch.arange(self.tile_size, device=device).repeat(self.group)  # rows are (group, pos)
+            self.block_start = (torch.arange(self.n_flat_blocks, device=device) % self.n_key_blocks) * block_size
+            self.key_offset = torch.arange(block_size, device=device)
+        self.tiles_per_chunk = max(1, min(self.n_flat_tiles, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.keys_per_tile)))
+
+    # -- layout changes ------------------------------------------------------------------------------------------------
+
+    def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, hq, lq, d)`` -> ``(flat tiles, group * tile_size, d)`` in the compute dtype (a view when possible)."""
+        x = x.to(self.compute_dtype)
+        pad = self.n_tiles * self.tile_size - self.q_len
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        x = x.view(self.batch, self.kv_heads, self.group, self.n_tiles, self.tile_size, self.dim)
+        if self.group > 1:
+            x = x.transpose(2, 3)
+        return x.reshape(self.n_flat_tiles, self.rows, self.dim)
+
+    def from_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_tiles` (keeps the compute dtype)."""
+        x = x.view(self.batch, self.kv_heads, self.n_tiles, self.group, self.tile_size, self.dim)
+        if self.group > 1:
+            x = x.transpose(2, 3)
+        x = x.reshape(self.batch, self.q_heads, self.n_tiles * self.tile_size, self.dim)
+        return x[:, :, : self.q_len]
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, hk, lk, d)`` -> ``(flat blocks, block_size, d)`` in the compute dtype (a view when possible)."""
+        x = x.to(self.compute_dtype)
+        pad = self.n_key_blocks * self.block_size - self.k_len
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(self.n_flat_blocks, self.block_size, self.dim)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(self.batch, self.kv_heads, self.n_key_blocks * self.block_size, self.dim)
+        return x[:, :, : self.k_len]
+
+    # -- per chunk ----------------------------------------------------------------------------------------------------
+
+    def chunks(self):
+        for start in range(0, self.n_flat_tiles, self.tiles_per_chunk):
+            yield slice(start, min(start + self.tiles_per_chunk, self.n_flat_tiles))
+
+    def gather(self, blocks: torch.Tensor, chunk: slice, out: torch.Tensor) -> torch.Tensor:
+        """The chunk's slot blocks, ``(tiles, slots * block_size, d)``, written into the workspace ``out``."""
+        index = self.flat_blocks[chunk].reshape(-1)
+        out = out[: index.numel() * self.block_size * self.dim].view(index.numel(), self.block_size, self.dim)
+        torch.index_select(blocks, 0, index, out=out)
+        return out.view(-1, self.keys_per_tile, self.dim)
+
+    def mask(self, chunk: slice) -> torch.Tensor | None:
+        """Visibility ``(tiles, rows | 1, slots * block_size)`` of the chunk's scores, or ``None`` when all visible."""
+        mask = None
+        index = self.flat_blocks[chunk]
+        tiles = index.shape[0]
+        if self.key_valid is not None:
+            mask = self.key_valid[index]  # tiles slots block
+        if self.slot_valid is not None:
+            slots = self.slot_valid[chunk][:, :, None]
+            mask = slots if mask is None else mask & slots
+        if mask is not None:
+            mask = mask.expand(tiles, self.slots, self.block_size).reshape(tiles, 1, self.keys_per_tile)
+        if self.row_slots is not None:
+            rows = self.row_slots[chunk][:, None, :, :, None].expand(-1, self.group, -1, -1, self.block_size)
+            rows = rows.reshape(tiles, self.rows, self.keys_per_tile)
+            mask = rows if mask is None else mask & rows
+        if self.causal:
+            key_position = (self.block_start[index][:, :, None] + self.key_offset).view(tiles, 1, -1)
+            query_position = (self.tile_start[chunk][:, None] + self.row_offset).view(tiles, self.rows, 1)
+            visible = key_position <= query_position
+            mask = visible if mask is None else mask & visible
+        return mask
+
+    def scores(self, q: torch.Tensor, keys: torch.Tensor, chunk: slice, scale: float, out: torch.Tensor) -> torch.Tensor:
+        """Scaled, masked scores ``(tiles, rows, keys)`` of the chunk (masked entries ``-inf``), into ``out``."""
+        queries = q[chunk]
+        out = out[: queries.shape[0] * self.rows * self.keys_per_tile].view(queries.shape[0], self.rows, self.keys_per_tile)
+        torch.baddbmm(out, queries, keys.transpose(1, 2), beta=0.0, alpha=scale, out=out)
+        mask = self.mask(chunk)
+        if mask is not None:
+            out.masked_fill_(~mask, float("-inf"))
+        return out
+
+    def workspace(self, *names: str) -> dict[str, torch.Tensor]:
+        """Buffers for one chunk, allocated once per pass and reused (fresh large allocations cost page faults)."""
+        sizes = {
+            "keys": self.tiles_per_chunk * self.keys_per_tile * self.dim,
+            "values": self.tiles_per_chunk * self.keys_per_tile * self.dim,
+            "scores": self.tiles_per_chunk * self.rows * self.keys_per_tile,
+            "grad_probs": self.tiles_per_chunk * self.rows * self.keys_per_tile,
+        }
+        device = self.key_valid.device if self.key_valid is not None else self.flat_blocks.device
+        return {name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device) for name in names}
+
+
+def _dropout_keep(shape, p: float, seed: int, chunk_index: int, device) -> torch.Tensor:
+    """The keep-mask of one chunk, reproducible from (seed, chunk) so the backward pass can regenerate it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + chunk_index)
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+class _GatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, layout: _Layout, scale: float, dropout: float, seed: int):
+        q = layout.to_tiles(query)
+        k = layout.to_blocks(key)
+        v = layout.to_blocks(value)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
+        work = layout.workspace("keys", "values", "scores")
+        for index, chunk in enumerate(layout.chunks()):
+            keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+            probs = layout.scores(q, keys, chunk, scale, work["scores"])
+            row_max = probs.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows with no visible key: 0
+            probs.sub_(row_max).exp_()
+            row_sum = probs.sum(-1, keepdim=True)
+            if dropout:
+                probs.mul_(_dropout_keep(probs.shape, dropout, seed, index, probs.device)).mul_(1.0 / (1.0 - dropout))
+            empty = row_sum == 0
+            torch.bmm(probs, values, out=out[chunk]).div_(row_sum.masked_fill_(empty, 1.0))
+            lse[chunk] = (row_max + row_sum.log()).masked_fill_(empty, float("inf")).squeeze(-1)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.layout, ctx.scale, ctx.dropout, ctx.seed = layout, scale, dropout, seed
+        return layout.from_tiles(out).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        layout, scale, dropout, seed = ctx.layout, ctx.scale, ctx.dropout, ctx.seed
+        q = layout.to_tiles(query)
+        k = layout.to_blocks(key)
+        v = layout.to_blocks(value)
+        grad_o = layout.to_tiles(grad_out.contiguous())
+        delta = (grad_o * out).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward's correction
+        grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        work = layout.workspace("keys", "values", "scores", "grad_probs")
+        for index, chunk in enumerate(layout.chunks()):
+            keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+            probs = layout.scores(q, keys, chunk, scale, work["scores"])
+            probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
+            grad_probs = work["grad_probs"][: probs.numel()].view(probs.shape)
+            torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
+            if dropout:
+                keep = _dropout_keep(probs.shape, dropout, seed, index, probs.device).to(probs.dtype) / (1.0 - dropout)
+                grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])
+                grad_probs.mul_(keep)
+            else:
+                grad_values = torch.bmm(probs.transpose(1, 2), grad_o[chunk])
+            grad_scores = grad_probs.sub_(delta[chunk]).mul_(probs)  # d(loss)/d(scaled scores)
+            torch.bmm(grad_scores, keys, out=grad_q[chunk])
+            grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])
+            flat = layout.flat_blocks[chunk].reshape(-1)
+            grad_k.index_add_(0, flat, grad_keys.view(-1, layout.block_size, layout.dim))
+            grad_v.index_add_(0, flat, grad_values.view(-1, layout.block_size, layout.dim))
+        grad_query = (layout.from_tiles(grad_q) * scale).to(query.dtype)
+        grad_key = (layout.from_blocks(grad_k) * scale).to(key.dtype)
+        grad_value = layout.from_blocks(grad_v).to(value.dtype)
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def gather_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: TilePlan,
+    *,
+    block_size: int,
+    key_valid: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Block-sparse attention of ``query (b, hq, lq, d)`` over the key blocks of ``plan``; returns ``(b, hq, lq, d)``.
+
+    ``key_valid (b, lk)`` marks real keys (``None``: all). With ``causal``, query ``i`` sits at key position
+    ``query_offset + i`` and sees keys at or before it. A query with no visible key gets zeros.
+    """
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)  # half inputs are computed in float32
+    layout = _Layout(query.shape, key.shape, plan, block_size, key_valid, causal, query_offset, query.device, compute_dtype)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
+    return _GatherAttention.apply(query, key, value, layout, scale, dropout, seed)

@@ -1,0 +1,348 @@
+"""Level 2: every backend against the reference oracle, and the reference against the loop oracle and dense SDPA."""
+
+import pytest
+import torch
+from hypothesis import given
+
+from modeling_dualroute import route_blocks, routed_attention
+from modeling_dualroute.attention_dualroute import choose_backend, routed_attention_with_plan
+from modeling_dualroute.flex_dualroute import check_flex_available
+
+from oracles import naive_attention, plan_to_lists
+from test_routing import make_mask, routing_problems
+
+
+def make_inputs(p, dtype=torch.float32, requires_grad=False):
+    generator = torch.Generator().manual_seed(p["seed"])
+    query = torch.randn(p["batch"], p["q_heads"], p["q_len"], p["dim"], generator=generator, dtype=dtype)
+    key = torch.randn(p["batch"], p["kv_heads"], p["k_len"], p["dim"], generator=generator, dtype=dtype)
+    value = torch.randn(p["batch"], p["kv_heads"], p["k_len"], p["dim"], generator=generator, dtype=dtype)
+    key_mask = make_mask(p["batch"], p["k_len"], p["padding"], generator)
+    for t in (query, key, value):
+        t.requires_grad_(requires_grad)
+    options = dict(
+        block_size=p["block_size"],
+        top_k=p["top_k"],
+        causal=p["kind"] == "causal",
+        cross=p["kind"] == "cross",
+        key_padding_mask=key_mask,
+        query_padding_mask=key_mask if p["kind"] == "bidirectional" else None,
+        global_blocks=p["global_blocks"],
+    )
+    return query, key, value, options
+
+
+def output_and_grads(query, key, value, options, backend):
+    out = routed_attention(query, key, value, backend=backend, **options)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)  # a non-uniform upstream gradient
+    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+    return (out, *grads)
+
+
+def assert_close_all(actual, expected, atol, rtol=1e-4):
+    for name, a, e in zip(("output", "grad query", "grad key", "grad value"), actual, expected):
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# -- the reference backend is the contract -----------------------------------------------------------------------------
+
+
+@given(routing_problems())
+def test_reference_matches_loop_oracle(p):
+    query, key, value, options = make_inputs(p, dtype=torch.float64)
+    out = routed_attention(query, key, value, backend="reference", **options)
+    plan = route_blocks(query, key, **options)
+    expected = naive_attention(
+        query,
+        key,
+        value,
+        plan_to_lists(plan),
+        block_size=p["block_size"],
+        causal=options["causal"],
+        cross=options["cross"],
+        key_padding_mask=options["key_padding_mask"],
+    )
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+# -- fast backends against the reference, forward and backward --------------------------------------------------------
+
+
+@given(routing_problems())
+def test_gather_matches_reference_forward_and_backward(p):
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    expected = output_and_grads(query, key, value, options, "reference")
+    actual = output_and_grads(query, key, value, options, "gather")
+    assert_close_all(actual, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, q_len, k_len, block_size, top_k, global_blocks, group",
+    [
+        ("bidirectional", 13, 13, 4, 2, 0, 1),  # ragged last block
+        ("bidirectional", 64, 64, 8, 3, 1, 2),  # GQA
+        ("causal", 29, 29, 4, 3, 1, 1),
+        ("causal", 3, 29, 4, 2, 0, 2),  # cached decoding: queries are the last positions
+        ("cross", 7, 40, 8, 2, 1, 4),
+    ],
+)
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_gather_matches_reference_fixed_cases(kind, q_len, k_len, block_size, top_k, global_blocks, group, padding):
+    p = dict(
+        kind=kind, batch=3, kv_heads=2, q_heads=2 * group, q_len=q_len, k_len=k_len, dim=16, block_size=block_size,
+        top_k=top_k, global_blocks=global_blocks, padding=padding, seed=q_len * k_len,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    assert_close_all(output_and_grads(query, key, value, options, "gather"), output_and_grads(query, key, value, options, "reference"), atol=2e-5)
+
+
+def test_gather_is_chunked(monkeypatch):
+    """Many small chunks give the same result as one chunk (the chunk loop carries no state between chunks)."""
+    import modeling_dualroute.gather_dualroute as gather
+
+    p = dict(
+        kind="causal", batch=2, kv_heads=2, q_heads=4, q_len=50, k_len=50, dim=8, block_size=4, top_k=3,
+        global_blocks=1, padding="right", seed=3,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    whole = output_and_grads(query, key, value, options, "gather")
+    monkeypatch.setattr(gather, "SCORE_ELEMENTS_PER_CHUNK", 1)
+    assert_close_all(output_and_grads(query, key, value, options, "gather"), whole, atol=1e-6)
+
+
+def test_gather_memory_is_not_quadratic():
+    """The largest tensor the gather backend allocates is a chunk of scores, not (q_len, k_len)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    LargestAllocation.largest = max(LargestAllocation.largest, t.numel())
+            return out
+
+    n, dim = 4096, 16
+    query, key, value = (torch.randn(1, 1, n, dim, requires_grad=True) for _ in range(3))
+    with LargestAllocation():
+        out = routed_attention(query, key, value, block_size=64, top_k=4, backend="gather")
+        out.sum().backward()
+    assert LargestAllocation.largest < n * n // 8, LargestAllocation.largest
+
+
+# -- dense equivalence -------------------------------------------------------------------------------------------------
+
+
+@given(routing_problems())
+def test_top_k_covering_every_block_equals_sdpa(p):
+    query, key, value, options = make_inputs(p, dtype=torch.float64)
+    options["top_k"] = -(-p["k_len"] // p["block_size"]) + p["global_blocks"] + 1
+    mask = torch.ones(p["batch"], 1, p["q_len"], p["k_len"], dtype=torch.bool)
+    if options["key_padding_mask"] is not None:
+        mask &= options["key_padding_mask"][:, None, None, :]
+    if options["causal"]:
+        offset = p["k_len"] - p["q_len"]
+        mask &= torch.ones(p["q_len"], p["k_len"], dtype=torch.bool).tril(offset)
+    has_key = mask.any(-1, keepdim=True)
+    group = p["q_heads"] // p["kv_heads"]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask | ~has_key
+    ) * has_key
+    for backend in ("reference", "gather", "auto"):
+        out = routed_attention(query, key, value, backend=backend, **options)
+        torch.testing.assert_close(out, expected, atol=1e-5 if backend == "gather" else 1e-10, rtol=1e-5)
+
+
+# -- invariants --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
+@pytest.mark.parametrize("q_len", [41, 5])
+def test_causal_future_does_not_leak(backend, q_len):
+    k_len = 41
+    t = k_len - q_len + q_len // 2  # a key position that some queries may see and later ones follow
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, q_len, 8, generator=generator)
+    key, value = torch.randn(2, 2, k_len, 8, generator=generator), torch.randn(2, 2, k_len, 8, generator=generator)
+    options = dict(block_size=4, top_k=3, causal=True, global_blocks=1, backend=backend)
+    out = routed_attention(query, key, value, **options)
+    cut = t - (k_len - q_len)  # query index of position t
+    query2, key2, value2 = query.clone(), key.clone(), value.clone()
+    query2[:, :, cut + 1 :] = torch.randn_like(query2[:, :, cut + 1 :])
+    key2[:, :, t + 1 :] = 100 * torch.randn_like(key2[:, :, t + 1 :])
+    value2[:, :, t + 1 :] = 100 * torch.randn_like(value2[:, :, t + 1 :])
+    out2 = routed_attention(query2, key2, value2, **options)
+    # The perturbation is 100x the data, so a leak would be large; float rounding may differ (the gather backend shares
+    # a query tile with later tokens, which can reorder its sums) but only at rounding level.
+    torch.testing.assert_close(out2[:, :, : cut + 1], out[:, :, : cut + 1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "cross"])
+def test_sequence_alone_equals_sequence_in_padded_batch(backend, kind):
+    generator = torch.Generator().manual_seed(1)
+    lengths = [23, 9, 17]
+    q_len, k_len = (5, max(lengths)) if kind == "cross" else (max(lengths), max(lengths))
+    query = torch.randn(3, 4, q_len, 8, generator=generator)
+    key, value = torch.randn(3, 2, k_len, 8, generator=generator), torch.randn(3, 2, k_len, 8, generator=generator)
+    mask = torch.arange(k_len)[None, :] < torch.tensor(lengths)[:, None]
+    key = key.masked_fill(~mask[:, None, :, None], 7.0)  # garbage in the padding must not matter
+    options = dict(block_size=4, top_k=2, global_blocks=1, causal=kind == "causal", cross=kind == "cross", backend=backend)
+    batch = routed_attention(
+        query, key, value, key_padding_mask=mask, query_padding_mask=mask if kind == "bidirectional" else None, **options
+    )
+    for b, length in enumerate(lengths):
+        q_end = q_len if kind == "cross" else length
+        alone = routed_attention(query[b : b + 1, :, :q_end], key[b : b + 1, :, :length], value[b : b + 1, :, :length], **options)
+        torch.testing.assert_close(batch[b : b + 1, :, :q_end], alone, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "cross"])
+def test_fully_padded_sequence_gives_zeros_not_nan(backend, dtype, kind):
+    query, key, value = (torch.randn(2, 2, 9, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1] = False
+    out = routed_attention(
+        query, key, value, block_size=4, top_k=2, key_padding_mask=mask, query_padding_mask=mask if kind == "bidirectional" else None,
+        causal=kind == "causal", cross=kind == "cross", backend=backend,
+    )  # fmt: skip
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+    out.float().sum().backward()
+    for t in (query, key, value):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "auto"])
+def test_dropout_is_unbiased_and_random(backend):
+    query, key, value = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    options = dict(block_size=4, top_k=2, global_blocks=1, backend=backend)
+    clean = routed_attention(query, key, value, **options)
+    runs = torch.stack([routed_attention(query, key, value, dropout=0.3, **options) for _ in range(3000)])
+    assert not torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs.mean(0), clean, atol=0.06, rtol=0)
+
+
+def test_gather_dropout_backward_matches_its_forward_mask():
+    """With dropout, the gradient must be that of the very same dropped-out forward (mask regenerated, not redrawn)."""
+    query, key, value = (torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    options = dict(block_size=4, top_k=2, global_blocks=1, dropout=0.5)
+
+    def run(q, k, v):
+        torch.manual_seed(123)
+        return routed_attention(q, k, v, backend="gather", **options)
+
+    assert torch.autograd.gradcheck(run, (query, key, value), atol=1e-4, rtol=1e-3, eps=1e-4)
+
+
+# -- backend choice ----------------------------------------------------------------------------------------------------
+
+
+def test_auto_choice_depends_only_on_shapes_and_options():
+    common = dict(device=torch.device("cpu"), dropout=0.0, need_weights=False, requires_grad=False)
+    assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=256, **common) == "dense"
+    assert choose_backend("auto", q_len=256, k_len=256, n_key_blocks=4, top_k=2, **common) == "dense_routed"
+    assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, **common) == "gather"
+    assert choose_backend("gather", q_len=16, k_len=16, n_key_blocks=1, top_k=8, **common) == "gather"
+    assert choose_backend("auto", q_len=16, k_len=16, n_key_blocks=4, top_k=2, **(common | dict(need_weights=True))) == "reference"
+    # the same long call gives the same choice after a short one: nothing is sticky
+    choose_backend("auto", q_len=8, k_len=8, n_key_blocks=2, top_k=1, **common)
+    assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, **common) == "gather"
+
+
+def test_info_reports_plan_backend_and_weights():
+    query, key, value = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    out, info = routed_attention_with_plan(query, key, value, block_size=4, top_k=2, need_weights=True)
+    assert info["backend"] == "reference"
+    assert info["weights"].shape == (1, 2, 12, 12)
+    torch.testing.assert_close(info["weights"].sum(-1), torch.ones(1, 2, 12))
+    assert torch.equal(info["plan"], route_blocks(query, key, block_size=4, top_k=2))
+    # weights are zero outside the routed blocks
+    blocks_seen = (info["weights"].view(1, 2, 12, 3, 4).sum(-1) > 0).view(1, 2, 3, 4, 3).any(3)
+    for i in range(3):
+        assert blocks_seen[0, :, i].nonzero()[:, -1].unique().tolist() == sorted(set(info["plan"][0, :, i].flatten().tolist()))
+
+
+# -- errors ------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_backend_and_dropout_raise():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"`backend` must be one of \('auto', 'reference', 'gather', 'flex'\), got 'fast'"):
+        routed_attention(q, q, q, block_size=4, top_k=2, backend="fast")
+    with pytest.raises(ValueError, match=r"`dropout` must be a float in \[0, 1\), got 1.5"):
+        routed_attention(q, q, q, block_size=4, top_k=2, dropout=1.5)
+    with pytest.raises(ValueError, match=r"`value` must have the shape of `key` \(1, 2, 8, 4\), got \(1, 2, 7, 4\)"):
+        routed_attention(q, q, q[:, :, :7], block_size=4, top_k=2)
+    with pytest.raises(ValueError, match="only computed by the `reference` backend"):
+        routed_attention_with_plan(q, q, q, block_size=4, top_k=2, need_weights=True, backend="gather")
+
+
+def test_flex_on_cpu_with_gradients_raises_instead_of_falling_back():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="FlexAttention has no backward pass on CPU"):
+        routed_attention(q, q, q, block_size=4, top_k=2, backend="flex")
+    assert not check_flex_available(torch.device("cpu"), requires_grad=True, raise_error=False)
+
+
+def test_flex_rejects_dropout():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="`flex` backend does not support attention dropout"):
+        routed_attention(q, q, q, block_size=4, top_k=2, backend="flex", dropout=0.1)
+
+
+# -- flex on CPU: compiled forward (each new shape compiles, so a few representative cases) -----------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, q_len, k_len, group, padding, block_size",
+    [
+        ("bidirectional", 45, 45, 2, "right", 8),  # block 8: torch's CPU kernel needs the tile workaround
+        ("bidirectional", 70, 70, 1, "none", 16),
+        ("causal", 45, 45, 1, "left", 8),
+        ("cross", 9, 45, 2, "random", 12),
+    ],
+)
+def test_flex_cpu_forward_matches_reference(kind, q_len, k_len, group, padding, block_size):
+    p = dict(
+        kind=kind, batch=2, kv_heads=2, q_heads=2 * group, q_len=q_len, k_len=k_len, dim=16, block_size=block_size,
+        top_k=3, global_blocks=1, padding=padding, seed=5,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p)
+    with torch.no_grad():
+        expected = routed_attention(query, key, value, backend="reference", **options)
+        actual = routed_attention(query, key, value, backend="flex", **options)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "cross"])
+def test_flex_cuda_forward_and_backward_match_reference(kind, dtype):
+    p = dict(
+        kind=kind, batch=2, kv_heads=2, q_heads=4, q_len=300 if kind != "cross" else 70, k_len=300, dim=64, block_size=32,
+        top_k=3, global_blocks=1, padding="right", seed=7,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, dtype=dtype)
+    query, key, value = (t.cuda().requires_grad_(True) for t in (query, key, value))
+    for name in ("key_padding_mask", "query_padding_mask"):
+        if options[name] is not None:
+            options[name] = options[name].cuda()
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    assert_close_all(output_and_grads(query, key, value, options, "flex"), output_and_grads(query, key, value, options, "reference"), atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+def test_flex_cpu_fully_padded_sequence_gives_zeros():
+    query, key, value = (torch.randn(2, 2, 32, 16) for _ in range(3))
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[1] = False
+    with torch.no_grad():
+        out = routed_attention(query, key, value, block_size=16, top_k=1, key_padding_mask=mask, query_padding_mask=mask, backend="flex")
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
