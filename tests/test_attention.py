@@ -93,7 +93,11 @@ def test_gather_matches_reference_fixed_cases(kind, q_len, k_len, block_size, to
         top_k=top_k, global_blocks=global_blocks, padding=padding, seed=q_len * k_len,
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
-    assert_close_all(output_and_grads(query, key, value, options, "gather"), output_and_grads(query, key, value, options, "reference"), atol=2e-5)
+    assert_close_all(
+        output_and_grads(query, key, value, options, "gather"),
+        output_and_grads(query, key, value, options, "reference"),
+        atol=2e-5,
+    )
 
 
 def test_gather_is_chunked(monkeypatch):
@@ -147,9 +151,12 @@ def test_top_k_covering_every_block_equals_sdpa(p):
         mask &= torch.ones(p["q_len"], p["k_len"], dtype=torch.bool).tril(offset)
     has_key = mask.any(-1, keepdim=True)
     group = p["q_heads"] // p["kv_heads"]
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask | ~has_key
-    ) * has_key
+    expected = (
+        torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask | ~has_key
+        )
+        * has_key
+    )
     for backend in ("reference", "gather", "auto"):
         out = routed_attention(query, key, value, backend=backend, **options)
         torch.testing.assert_close(out, expected, atol=1e-5 if backend == "gather" else 1e-10, rtol=1e-5)
@@ -189,13 +196,22 @@ def test_sequence_alone_equals_sequence_in_padded_batch(backend, kind):
     key, value = torch.randn(3, 2, k_len, 8, generator=generator), torch.randn(3, 2, k_len, 8, generator=generator)
     mask = torch.arange(k_len)[None, :] < torch.tensor(lengths)[:, None]
     key = key.masked_fill(~mask[:, None, :, None], 7.0)  # garbage in the padding must not matter
-    options = dict(block_size=4, top_k=2, global_blocks=1, causal=kind == "causal", cross=kind == "cross", backend=backend)
+    options = dict(
+        block_size=4, top_k=2, global_blocks=1, causal=kind == "causal", cross=kind == "cross", backend=backend
+    )
     batch = routed_attention(
-        query, key, value, key_padding_mask=mask, query_padding_mask=mask if kind == "bidirectional" else None, **options
+        query,
+        key,
+        value,
+        key_padding_mask=mask,
+        query_padding_mask=mask if kind == "bidirectional" else None,
+        **options,
     )
     for b, length in enumerate(lengths):
         q_end = q_len if kind == "cross" else length
-        alone = routed_attention(query[b : b + 1, :, :q_end], key[b : b + 1, :, :length], value[b : b + 1, :, :length], **options)
+        alone = routed_attention(
+            query[b : b + 1, :, :q_end], key[b : b + 1, :, :length], value[b : b + 1, :, :length], **options
+        )
         torch.testing.assert_close(batch[b : b + 1, :, :q_end], alone, atol=2e-6, rtol=1e-5)
 
 
@@ -249,7 +265,10 @@ def test_auto_choice_depends_only_on_shapes_and_options():
     assert choose_backend("auto", q_len=256, k_len=256, n_key_blocks=4, top_k=2, **common) == "dense_routed"
     assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, **common) == "gather"
     assert choose_backend("gather", q_len=16, k_len=16, n_key_blocks=1, top_k=8, **common) == "gather"
-    assert choose_backend("auto", q_len=16, k_len=16, n_key_blocks=4, top_k=2, **(common | dict(need_weights=True))) == "reference"
+    assert (
+        choose_backend("auto", q_len=16, k_len=16, n_key_blocks=4, top_k=2, **(common | dict(need_weights=True)))
+        == "reference"
+    )
     # the same long call gives the same choice after a short one: nothing is sticky
     choose_backend("auto", q_len=8, k_len=8, n_key_blocks=2, top_k=1, **common)
     assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, **common) == "gather"
@@ -265,7 +284,9 @@ def test_info_reports_plan_backend_and_weights():
     # weights are zero outside the routed blocks
     blocks_seen = (info["weights"].view(1, 2, 12, 3, 4).sum(-1) > 0).view(1, 2, 3, 4, 3).any(3)
     for i in range(3):
-        assert blocks_seen[0, :, i].nonzero()[:, -1].unique().tolist() == sorted(set(info["plan"][0, :, i].flatten().tolist()))
+        assert blocks_seen[0, :, i].nonzero()[:, -1].unique().tolist() == sorted(
+            set(info["plan"][0, :, i].flatten().tolist())
+        )
 
 
 # -- errors ------------------------------------------------------------------------------------------------------------
@@ -273,7 +294,9 @@ def test_info_reports_plan_backend_and_weights():
 
 def test_bad_backend_and_dropout_raise():
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ValueError, match=r"`backend` must be one of \('auto', 'reference', 'gather', 'flex'\), got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"`backend` must be one of \('auto', 'reference', 'gather', 'flex'\), got 'fast'"
+    ):
         routed_attention(q, q, q, block_size=4, top_k=2, backend="fast")
     with pytest.raises(ValueError, match=r"`dropout` must be a float in \[0, 1\), got 1.5"):
         routed_attention(q, q, q, block_size=4, top_k=2, dropout=1.5)
@@ -335,7 +358,12 @@ def test_flex_cuda_forward_and_backward_match_reference(kind, dtype):
         if options[name] is not None:
             options[name] = options[name].cuda()
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
-    assert_close_all(output_and_grads(query, key, value, options, "flex"), output_and_grads(query, key, value, options, "reference"), atol=tol, rtol=tol)
+    assert_close_all(
+        output_and_grads(query, key, value, options, "flex"),
+        output_and_grads(query, key, value, options, "reference"),
+        atol=tol,
+        rtol=tol,
+    )
 
 
 @pytest.mark.slow
@@ -344,5 +372,7 @@ def test_flex_cpu_fully_padded_sequence_gives_zeros():
     mask = torch.ones(2, 32, dtype=torch.bool)
     mask[1] = False
     with torch.no_grad():
-        out = routed_attention(query, key, value, block_size=16, top_k=1, key_padding_mask=mask, query_padding_mask=mask, backend="flex")
+        out = routed_attention(
+            query, key, value, block_size=16, top_k=1, key_padding_mask=mask, query_padding_mask=mask, backend="flex"
+        )
     assert torch.isfinite(out).all() and (out[1] == 0).all()

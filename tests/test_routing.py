@@ -168,11 +168,20 @@ def test_select_blocks_forced_and_candidates(q_blocks, n_key_blocks, top_k, glob
     scores = torch.randint(0, 3, (1, 1, q_blocks, n_key_blocks), generator=generator).float()
     counts = torch.randint(0, 2, (1, n_key_blocks), generator=generator)
     plan = select_blocks(
-        scores, counts, block_size=4, top_k=top_k, causal=False, cross=False, global_blocks=global_blocks, query_offset=0
+        scores,
+        counts,
+        block_size=4,
+        top_k=top_k,
+        causal=False,
+        cross=False,
+        global_blocks=global_blocks,
+        query_offset=0,
     )
     for i in range(q_blocks):
         candidates = [j for j in range(n_key_blocks) if counts[0, j] > 0]
-        want = naive_select(scores[0, 0, i].tolist(), candidates=candidates, forced=list(range(global_blocks)) + [i], top_k=top_k)
+        want = naive_select(
+            scores[0, 0, i].tolist(), candidates=candidates, forced=list(range(global_blocks)) + [i], top_k=top_k
+        )
         assert plan[0, 0, i].tolist() == want + [-1] * (top_k - len(want))
 
 
@@ -284,7 +293,9 @@ def test_bad_shapes_raise_naming_the_argument_and_expected_shape():
         route_blocks(q, torch.randn(1, 3, 6, 4), block_size=2, top_k=2)
     with pytest.raises(ValueError, match="q_len == k_len"):
         route_blocks(q, torch.randn(1, 2, 7, 4), block_size=2, top_k=2)
-    with pytest.raises(ValueError, match=r"`key_padding_mask` must have shape \(batch, seq\) = \(1, 6\), got \(1, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"`key_padding_mask` must have shape \(batch, seq\) = \(1, 6\), got \(1, 5\)"
+    ):
         route_blocks(q, q, block_size=2, top_k=2, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="`key_padding_mask` must be a bool"):
         route_blocks(q, q, block_size=2, top_k=2, key_padding_mask=torch.zeros(1, 6))

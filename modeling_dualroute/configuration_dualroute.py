@@ -1,0 +1,252 @@
+# Copyright 2026 The DualRoute Authors. Licensed under the Apache License, Version 2.0.
+"""DualRoute model configuration (no heavy imports: checkpoints load it before the modeling code)."""
+
+from __future__ import annotations
+
+import transformers.configuration_utils as configuration_utils
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers import PreTrainedConfig
+
+
+ROUTED_ATTENTION = (
+    "dualroute_attention"  # a layer that routes (also the cache layer type that keeps block descriptors)
+)
+FULL_ATTENTION = "full_attention"  # a layer that stays dense
+LAYER_TYPES = (ROUTED_ATTENTION, FULL_ATTENTION)
+ROUTE_BACKENDS = ("auto", "reference", "gather", "flex")
+
+# transformers checks `layer_types` against this tuple, also where generic code builds a plain PreTrainedConfig from our
+# config.json (Trainer's resume_from_checkpoint does). Register the routed layer type there, the way
+# AttentionInterface.register adds the attention function.
+if ROUTED_ATTENTION not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
+    configuration_utils.ALLOWED_ATTN_LAYER_TYPES += (ROUTED_ATTENTION,)
+    configuration_utils.ALLOWED_LAYER_TYPES += (ROUTED_ATTENTION,)
+
+
+@strict
+class DualRouteConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DualRoute encoder (`DualRouteModel`, `DualRouteForSequenceClassification`) or encoder-decoder
+    (`DualRouteForConditionalGeneration`, with `is_encoder_decoder=True`). Standard transformers names are documented
+    centrally; the fields below are DualRoute's own.
+
+    Args:
+        route_block_size (`int`, defaults to 64): tokens per key block (and per query block in the encoder).
+        route_topk (`int`, defaults to 8): key blocks each query (block) attends to, forced blocks included.
+        route_global_blocks (`int`, defaults to 1): the first blocks, always attended (CLS / attention-sink tokens).
+        route_backend (`str`, defaults to `"auto"`): level-2 backend, one of `auto`, `reference`, `gather`, `flex`.
+        layer_types (`list[str]`, *optional*): per encoder layer, `"dualroute_attention"` (routed) or
+            `"full_attention"` (dense). Defaults to every layer routed.
+        position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned, as in BERT, RoBERTa, BART;
+            checkpoints convert exactly) or `"rope"` (rotary, for models trained from scratch).
+        position_offset (`int`, defaults to 0): added to positions before the learned lookup (RoBERTa: `pad_token_id
+            + 1`, BART: 2). Positions count real tokens only, so left padding does not shift them.
+        type_vocab_size (`int`, defaults to 2): token-type (segment) vocabulary; 0 for none (BART).
+        embedding_size (`int`, *optional*): width of the token embeddings when it differs from `hidden_size`
+            (ELECTRA); a projection follows the embedding LayerNorm.
+        scale_embedding (`bool`, defaults to `False`): multiply token embeddings by sqrt(hidden_size) (some BART).
+        classifier_pooling (`str`, defaults to `"cls"`): `"cls"` (first token) or `"mean"` (mean of real tokens).
+        classifier_activation (`str`, defaults to `"tanh"`): activation of the classifier's dense layer.
+        decoder_layers (`int`, defaults to 0): decoder depth of the encoder-decoder.
+        decoder_attention_heads, decoder_num_key_value_heads, decoder_intermediate_size,
+        decoder_max_position_embeddings, decoder_layer_types: decoder counterparts of the encoder fields
+            (default: the encoder's).
+    """
+
+    model_type = "dualroute"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "d_model": "hidden_size",
+        "encoder_layers": "num_hidden_layers",
+        "encoder_attention_heads": "num_attention_heads",
+        "encoder_ffn_dim": "intermediate_size",
+    }
+
+    vocab_size: int = 30522
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 2048
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    activation_dropout: float = 0.0
+    max_position_embeddings: int = 4096
+    position_embedding_type: str = "absolute"
+    position_offset: int = 0
+    rope_theta: float = 10000.0
+    type_vocab_size: int = 2
+    embedding_size: int | None = None
+    scale_embedding: bool = False
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    layer_types: list[str] | None = None
+
+    route_block_size: int = 64
+    route_topk: int = 8
+    route_global_blocks: int = 1
+    route_backend: str = "auto"
+
+    classifier_pooling: str = "cls"
+    classifier_activation: str = "tanh"
+    classifier_dropout: float | None = None
+
+    is_encoder_decoder: bool = False
+    decoder_layers: int = 0
+    decoder_attention_heads: int | None = None
+    decoder_num_key_value_heads: int | None = None
+    decoder_intermediate_size: int | None = None
+    decoder_max_position_embeddings: int | None = None
+    decoder_layer_types: list[str] | None = None
+
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = [ROUTED_ATTENTION] * self.num_hidden_layers
+        if self.is_encoder_decoder:
+            if self.decoder_attention_heads is None:
+                self.decoder_attention_heads = self.num_attention_heads
+            if self.decoder_num_key_value_heads is None:
+                self.decoder_num_key_value_heads = self.decoder_attention_heads
+            if self.decoder_intermediate_size is None:
+                self.decoder_intermediate_size = self.intermediate_size
+            if self.decoder_max_position_embeddings is None:
+                self.decoder_max_position_embeddings = self.max_position_embeddings
+            if self.decoder_layer_types is None:
+                self.decoder_layer_types = [ROUTED_ATTENTION] * self.decoder_layers
+        self.check_dualroute()
+        super().__post_init__(**kwargs)
+
+    def check_dualroute(self) -> None:
+        """Raises a `ValueError` naming the field, its value and what is expected."""
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        integers = (
+            "route_block_size", "route_topk", "route_global_blocks", "hidden_size", "num_attention_heads",
+            "num_key_value_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings", "position_offset",
+            "intermediate_size", "decoder_layers",
+        )  # fmt: skip
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
+        for name in (
+            "route_block_size",
+            "route_topk",
+            "hidden_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "vocab_size",
+        ):
+            need(getattr(self, name) >= 1, f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        need(self.route_global_blocks >= 0, f"`route_global_blocks` must be >= 0, got {self.route_global_blocks}.")
+        need(
+            self.route_topk >= 1 + self.route_global_blocks,
+            f"`route_topk`={self.route_topk} cannot hold the forced blocks (its own block + {self.route_global_blocks} "
+            f"global); it must be >= 1 + route_global_blocks = {1 + self.route_global_blocks}.",
+        )
+        need(
+            self.route_backend in ROUTE_BACKENDS,
+            f"`route_backend` must be one of {ROUTE_BACKENDS}, got {self.route_backend!r}.",
+        )
+        need(
+            self.position_embedding_type in ("absolute", "rope"),
+            f"`position_embedding_type` must be 'absolute' or 'rope', got {self.position_embedding_type!r}.",
+        )
+        need(
+            self.classifier_pooling in ("cls", "mean"),
+            f"`classifier_pooling` must be 'cls' or 'mean', got {self.classifier_pooling!r}.",
+        )
+        need(
+            self.max_position_embeddings >= 1,
+            f"`max_position_embeddings` must be >= 1, got {self.max_position_embeddings}.",
+        )
+        need(self.position_offset >= 0, f"`position_offset` must be >= 0, got {self.position_offset}.")
+        self._check_heads(
+            "num_attention_heads", self.num_attention_heads, "num_key_value_heads", self.num_key_value_heads
+        )
+        self._check_layer_types("layer_types", self.layer_types, "num_hidden_layers", self.num_hidden_layers)
+        if self.is_encoder_decoder:
+            need(
+                self.decoder_layers >= 1,
+                f"`decoder_layers` must be >= 1 when is_encoder_decoder=True, got {self.decoder_layers}.",
+            )
+            self._check_heads(
+                "decoder_attention_heads",
+                self.decoder_attention_heads,
+                "decoder_num_key_value_heads",
+                self.decoder_num_key_value_heads,
+            )
+            self._check_layer_types(
+                "decoder_layer_types", self.decoder_layer_types, "decoder_layers", self.decoder_layers
+            )
+            need(
+                self.decoder_start_token_id is not None,
+                "`decoder_start_token_id` must be set for an encoder-decoder (the token that starts every output).",
+            )
+
+    def _check_heads(self, heads_name: str, heads: int, kv_name: str, kv_heads: int) -> None:
+        if heads < 1 or self.hidden_size % heads != 0:
+            raise ValueError(f"`hidden_size` ({self.hidden_size}) must be a multiple of `{heads_name}` ({heads}).")
+        if kv_heads < 1 or heads % kv_heads != 0:
+            raise ValueError(f"`{heads_name}` ({heads}) must be a multiple of `{kv_name}` ({kv_heads}).")
+
+    @staticmethod
+    def _check_layer_types(name: str, layer_types, count_name: str, count: int) -> None:
+        if len(layer_types) != count:
+            raise ValueError(f"`{name}` must have one entry per layer ({count_name}={count}), got {len(layer_types)}.")
+        unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"`{name}` entries must be in {LAYER_TYPES}, got {unknown}.")
+
+    # -- validators run by @strict at construction and by save_pretrained ------------------------------------------------
+
+    def validate_layer_type(self):
+        """Replaces the base check, which does not know the `dualroute_attention` layer type."""
+        self._check_layer_types("layer_types", self.layer_types, "num_hidden_layers", self.num_hidden_layers)
+
+    def validate_dualroute(self):
+        self.check_dualroute()
+
+    def validate_output_attentions(self):
+        """`output_attentions` works with `dualroute` (reference backend) as well as with `eager`."""
+        if self.output_attentions and self._attn_implementation not in ("eager", "dualroute", None):
+            raise ValueError(
+                f"`output_attentions` needs attn_implementation 'eager' or 'dualroute', got {self._attn_implementation!r}."
+            )
+
+    @property
+    def routed_layers(self) -> list[bool]:
+        return [layer_type == ROUTED_ATTENTION for layer_type in self.layer_types]
+
+
+_strict_init = DualRouteConfig.__init__
+
+
+def _init_with_standard_errors(self, *args, **kwargs):
+    """`@strict` reports bad fields with its own exception types; raise the standard `TypeError` / `ValueError`."""
+    try:
+        _strict_init(self, *args, **kwargs)
+    except StrictDataclassFieldValidationError as error:
+        raise TypeError(f"DualRouteConfig: {error}") from None
+    except StrictDataclassClassValidationError as error:
+        raise ValueError(f"DualRouteConfig: {error}") from None
+
+
+DualRouteConfig.__init__ = _init_with_standard_errors
+
+
+__all__ = ["DualRouteConfig"]

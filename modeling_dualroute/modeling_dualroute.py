@@ -1,0 +1,536 @@
+# Copyright 2026 The DualRoute Authors. Licensed under the Apache License, Version 2.0.
+"""DualRoute models for transformers: BERT/BART-shaped transformers whose attention routes (see DESIGN.md).
+
+Top to bottom: embeddings -> rotary -> attention -> layers -> pre-trained base -> encoder -> heads. The architecture
+is post-LayerNorm with learned absolute positions by default, the shape of BERT, RoBERTa, ELECTRA and BART, so their
+checkpoints convert weight for weight (`conversion.py`); RoPE is available for models trained from scratch.
+
+`attn_implementation="dualroute"` (the default) routes; `"eager"` and `"sdpa"` run the same weights densely.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .attention_dualroute import register_dualroute_attention
+from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
+
+
+register_dualroute_attention()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DualRouteModelOutput(BaseModelOutput):
+    """`BaseModelOutput` plus ``router_indices``: per layer, the routing plan ``(batch, kv_heads, rows, top_k)`` (key
+    blocks per query block, ascending, ``-1``-padded), when ``output_router_indices=True`` with the ``dualroute``
+    implementation. A dense (``full_attention``) layer lists every key block."""
+
+    router_indices: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class DualRouteSequenceClassifierOutput(SequenceClassifierOutput):
+    router_indices: tuple[torch.Tensor | None, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embeddings and positions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def padding_aware_positions(
+    attention_mask: torch.Tensor | None, length: int, past_length: int, device
+) -> torch.Tensor:
+    """Position of each token counting real tokens only, so that left padding does not shift positions.
+
+    Without a mask (or with a cache) positions are ``past_length + arange(length)``.
+    """
+    if attention_mask is None or past_length:
+        return torch.arange(past_length, past_length + length, device=device)[None, :]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DualRouteEmbeddings(nn.Module):
+    """Token (+ learned absolute position) (+ token type) embeddings, LayerNorm, dropout; the BERT/BART layout."""
+
+    def __init__(self, config: DualRouteConfig, max_positions: int):
+        super().__init__()
+        width = config.embedding_size or config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.max_positions = max_positions
+        self.position_offset = config.position_offset
+        self.position_embeddings = None
+        if config.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(max_positions + config.position_offset, width)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None
+        )
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.project = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds * self.embed_scale
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids + self.position_offset)
+        embeddings = self.dropout(self.LayerNorm(embeddings))
+        return self.project(embeddings) if self.project is not None else embeddings
+
+
+class DualRouteRotaryEmbedding(nn.Module):
+    """Rotary position embedding (cos, sin) for ``position_embedding_type="rope"``."""
+
+    def __init__(self, config: DualRouteConfig, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = config.rope_theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # b l d/2
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x (b, h, l, d)`` rotated by ``cos``/``sin`` ``(b, l, d)``."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention with an additive 4D mask (the `eager` implementation, a baseline)."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class DualRouteAttention(nn.Module):
+    """Multi-head (grouped-query) attention: self-attention (bidirectional or causal) or cross-attention.
+
+    With ``attn_implementation="dualroute"`` the attention function routes; ``routed=False`` (a ``full_attention``
+    layer) attends densely. Returns ``(output, weights, router_indices)``.
+    """
+
+    def __init__(
+        self,
+        config: DualRouteConfig,
+        *,
+        num_heads: int,
+        num_key_value_heads: int,
+        is_causal: bool = False,
+        is_cross_attention: bool = False,
+        routed: bool = True,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_groups = num_heads // num_key_value_heads
+        self.head_dim = config.hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = is_causal
+        self.is_cross_attention = is_cross_attention
+        self.routed = routed
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(config.hidden_size, num_heads * self.head_dim)
+        self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim)
+        self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if position_embeddings is not None:
+            query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
+        return self._attend(query, key, value, attention_mask, input_shape, **kwargs)
+
+    def _attend(self, query, key, value, attention_mask, input_shape, **kwargs):
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        router_info = {}
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            router_info=router_info,
+            **kwargs,
+        )
+        output = self.out_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, weights, router_info.get("plan")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DualRouteFeedForward(nn.Module):
+    def __init__(self, config: DualRouteConfig, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.activation_dropout = config.activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.fc1(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+class DualRouteEncoderLayer(GradientCheckpointingLayer):
+    """Post-LayerNorm block: ``x = LN(x + attn(x)); x = LN(x + ffn(x))`` (BERT / BART)."""
+
+    def __init__(self, config: DualRouteConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DualRouteAttention(
+            config,
+            num_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            routed=config.layer_types[layer_idx] == ROUTED_ATTENTION,
+            layer_idx=layer_idx,
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DualRouteFeedForward(config, config.intermediate_size)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = config.hidden_dropout_prob
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _, _ = self.self_attn(hidden_states, attention_mask, position_embeddings, **kwargs)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+        residual = hidden_states
+        hidden_states = nn.functional.dropout(self.mlp(hidden_states), p=self.dropout, training=self.training)
+        return self.final_layer_norm(residual + hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DualRoutePreTrainedModel(PreTrainedModel):
+    config: DualRouteConfig
+    config_class = DualRouteConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DualRouteEncoderLayer", "DualRouteDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """``dualroute`` unless another implementation is asked for (``eager``/``sdpa``: the dense twins)."""
+        register_dualroute_attention()
+        return super().get_correct_attn_implementation(requested_attention or "dualroute", is_init_check)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as usual, with an ``auto_map`` naming every DualRoute head, so one checkpoint folder loads through
+        each Auto class with ``trust_remote_code=True`` where the package is not installed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear, Embedding (padding row zero), LayerNorm with initializer_range
+        if isinstance(module, DualRouteRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class DualRouteModel(DualRoutePreTrainedModel):
+    """The DualRoute encoder: embeddings and a stack of routed (or dense) post-LN layers."""
+
+    _can_record_outputs = {
+        "hidden_states": DualRouteEncoderLayer,
+        "attentions": OutputRecorder(DualRouteAttention, index=1),
+        "router_indices": OutputRecorder(DualRouteAttention, index=2),
+    }
+
+    def __init__(self, config: DualRouteConfig):
+        super().__init__(config)
+        self.embeddings = DualRouteEmbeddings(config, config.max_position_embeddings)
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = DualRouteRotaryEmbedding(config, config.hidden_size // config.num_attention_heads)
+        self.layers = nn.ModuleList([DualRouteEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DualRouteModelOutput:
+        r"""
+        input_ids / inputs_embeds: ``(batch, seq)`` token ids or ``(batch, seq, embedding width)`` embeddings; exactly
+            one. attention_mask: ``(batch, seq)``, 1 for real tokens (pad on the right: blocks are absolute positions).
+        token_type_ids, position_ids: optional, as in BERT; positions default to counting real tokens.
+        """
+        batch, length = check_inputs(input_ids, inputs_embeds, attention_mask)
+        if self.embeddings.position_embeddings is not None and length > self.embeddings.max_positions:
+            raise ValueError(
+                f"input length {length} exceeds max_position_embeddings={self.embeddings.max_positions} of this "
+                "model's learned absolute positions; truncate the input (tokenizer truncation=True, max_length="
+                f"{self.embeddings.max_positions}) or convert the checkpoint with a larger --max-position-embeddings."
+            )
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if position_ids is None:
+            position_ids = padding_aware_positions(attention_mask, length, 0, device).expand(batch, -1)
+        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
+        position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, position_embeddings, **kwargs)
+        return DualRouteModelOutput(last_hidden_state=hidden_states)
+
+
+def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
+    """Exactly one of ids / embeddings, with a matching mask; returns ``(batch, seq)``."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of `input_ids` (batch, seq) or `inputs_embeds` (batch, seq, width).")
+    if input_ids is not None and input_ids.ndim != 2:
+        raise ValueError(f"`input_ids` must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+    if inputs_embeds is not None and inputs_embeds.ndim != 3:
+        raise ValueError(f"`inputs_embeds` must have shape (batch, seq, width), got {tuple(inputs_embeds.shape)}.")
+    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(
+            f"`attention_mask` must have shape (batch, seq) = ({batch}, {length}), got {tuple(attention_mask.shape)}."
+        )
+    return batch, length
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DualRouteClassificationHead(nn.Module):
+    """``out_proj(dropout(act(dense(dropout(pooled)))))``: BERT's pooler + classifier, RoBERTa's and ELECTRA's head."""
+
+    def __init__(self, config: DualRouteConfig):
+        super().__init__()
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.classifier_activation]
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.activation(self.dense(self.dropout(pooled)))))
+
+
+def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
+    if method == "cls":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        return hidden_states.mean(1)
+    mask = attention_mask.to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, config: DualRouteConfig, num_items_in_batch=None
+) -> torch.Tensor:
+    """Cross-entropy (single label), BCE (multi-label) or MSE (regression), as transformers' heads infer them.
+
+    With ``num_items_in_batch`` (the Trainer's gradient accumulation) the loss is a sum divided by the items of the
+    whole accumulated batch, so accumulated gradients equal those of one large batch for every problem type.
+    """
+    batch, num_labels = logits.shape
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if config.problem_type == "single_label_classification":
+        if labels.shape not in ((batch,), (batch, 1)) or labels.is_floating_point():
+            raise ValueError(
+                f"single-label classification needs integer `labels` of shape ({batch},), got {labels.dtype} "
+                f"labels of shape {tuple(labels.shape)}; for multi-label pass float labels of shape ({batch}, {num_labels})."
+            )
+        loss = nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction=reduction)
+    elif config.problem_type == "multi_label_classification":
+        if labels.shape != (batch, num_labels):
+            raise ValueError(
+                f"multi-label classification needs `labels` of shape ({batch}, {num_labels}), got {tuple(labels.shape)}."
+            )
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction=reduction)
+    else:
+        if labels.numel() != batch * num_labels:
+            raise ValueError(
+                f"regression needs `labels` with {batch * num_labels} values ({batch}, {num_labels}), got {tuple(labels.shape)}."
+            )
+        loss = nn.functional.mse_loss(logits, labels.view(batch, num_labels).to(logits.dtype), reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class DualRouteForSequenceClassification(DualRoutePreTrainedModel):
+    """DualRoute encoder + a classification head on the pooled (CLS or mean) representation."""
+
+    def __init__(self, config: DualRouteConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = DualRouteModel(config)
+        self.classifier = DualRouteClassificationHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DualRouteSequenceClassifierOutput:
+        r"""
+        labels: ``(batch,)`` class indices (single label), ``(batch, num_labels)`` floats (multi-label), or floats
+            (regression, ``num_labels=1``). ``problem_type`` is inferred from them unless set in the config.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.classifier(pool(outputs.last_hidden_state, attention_mask, self.config.classifier_pooling))
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(logits, labels, self.config, num_items_in_batch)
+        return DualRouteSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_indices=outputs.router_indices,
+        )
+
+
+# Every save writes the flat code files (`register_for_auto_class`) and this map. Done here, at import of the modeling
+# file, so that it also holds for classes loaded as remote code, where no package __init__ runs.
+AUTO_MAP = {
+    "AutoConfig": "configuration_dualroute.DualRouteConfig",
+    "AutoModel": "modeling_dualroute.DualRouteModel",
+    "AutoModelForSequenceClassification": "modeling_dualroute.DualRouteForSequenceClassification",
+}
+DualRouteConfig.register_for_auto_class()
+DualRouteModel.register_for_auto_class("AutoModel")
+DualRouteForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+__all__ = [
+    "DualRouteForSequenceClassification",
+    "DualRouteModel",
+    "DualRoutePreTrainedModel",
+]

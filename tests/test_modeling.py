@@ -1,0 +1,284 @@
+"""The encoder and the classification head as transformers models."""
+
+import pytest
+import torch
+
+from modeling_dualroute import DualRouteConfig, DualRouteForSequenceClassification, DualRouteModel
+
+from helpers import random_batch, tiny_config
+
+
+def eval_model(cls=DualRouteForSequenceClassification, **overrides):
+    torch.manual_seed(0)
+    return cls(tiny_config(**overrides)).eval()
+
+
+# -- config ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (dict(route_topk=0), ValueError, "`route_topk` must be >= 1, got 0"),
+        (dict(route_topk=1, route_global_blocks=1), ValueError, "route_topk`=1 cannot hold the forced blocks"),
+        (dict(route_block_size=0), ValueError, "`route_block_size` must be >= 1, got 0"),
+        (dict(route_topk="8"), TypeError, "`route_topk` must be an int, got '8'"),
+        (dict(route_backend="fast"), ValueError, "`route_backend` must be one of"),
+        (dict(hidden_size=30), ValueError, "`hidden_size` (30) must be a multiple of `num_attention_heads` (4)"),
+        (
+            dict(num_key_value_heads=3),
+            ValueError,
+            "`num_attention_heads` (4) must be a multiple of `num_key_value_heads` (3)",
+        ),
+        (dict(layer_types=["full_attention"]), ValueError, "`layer_types` must have one entry per layer"),
+        (dict(layer_types=["x", "full_attention"]), ValueError, "`layer_types` entries must be in"),
+        (dict(position_embedding_type="alibi"), ValueError, "`position_embedding_type` must be 'absolute' or 'rope'"),
+        (dict(classifier_pooling="max"), ValueError, "`classifier_pooling` must be 'cls' or 'mean'"),
+        (dict(is_encoder_decoder=True, decoder_layers=1), ValueError, "`decoder_start_token_id` must be set"),
+    ],
+)
+def test_bad_config_raises_at_construction(overrides, error, words):
+    with pytest.raises(error, match=__import__("re").escape(words)):
+        tiny_config(**overrides)
+
+
+def test_config_round_trip_and_defaults(tmp_path):
+    config = tiny_config(layer_types=["dualroute_attention", "full_attention"], num_labels=3)
+    assert config.d_model == 32 and config.encoder_layers == 2
+    config.save_pretrained(tmp_path)
+    loaded = DualRouteConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.routed_layers == [True, False]
+
+
+# -- forward and outputs -----------------------------------------------------------------------------------------------
+
+
+def test_outputs_hidden_states_attentions_and_router_indices():
+    model = eval_model(num_labels=3)
+    input_ids, attention_mask = random_batch(model.config)
+    out = model(
+        input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        output_attentions=True,
+        output_router_indices=True,
+    )
+    assert out.logits.shape == (3, 3)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (3, 13, 32)
+    assert [a.shape for a in out.attentions] == [(3, 4, 13, 13)] * 2
+    assert [r.shape for r in out.router_indices] == [(3, 4, 4, 2)] * 2  # 4 query blocks of 4 (ragged), top-2
+    # the attention weights are zero outside the routed blocks, and sum to one
+    weights, plan = out.attentions[0], out.router_indices[0]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 13))
+    for block in range(4):
+        kept = set(plan[0, 0, block].tolist()) - {-1}
+        seen = {t // 4 for t in range(13) if weights[0, 0, block * 4, t] > 0}
+        assert seen <= kept
+    # a dense layer lists every key block
+    dense_last = eval_model(num_labels=3, layer_types=["dualroute_attention", "full_attention"])
+    out = dense_last(input_ids, attention_mask=attention_mask, output_router_indices=True)
+    assert out.router_indices[0].shape == (3, 4, 4, 2)
+    assert out.router_indices[1][0].tolist() == [[[0, 1, 2, 3]] * 4] * 4
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = eval_model()
+    input_ids, attention_mask = random_batch(model.config)
+    as_dict = model(input_ids, attention_mask=attention_mask)
+    as_tuple = model(input_ids, attention_mask=attention_mask, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits)
+
+
+@pytest.mark.parametrize("dense", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(position_embedding_type="rope", num_key_value_heads=2), dict(type_vocab_size=0, embedding_size=16)],
+)
+def test_full_top_k_equals_the_dense_twin(dense, variant):
+    """With top-k covering every block, attn_implementation='dualroute' is the same model as 'eager'/'sdpa'."""
+    routed = eval_model(DualRouteModel, route_topk=8, **variant)
+    input_ids, attention_mask = random_batch(routed.config)
+    dense_model = eval_model(DualRouteModel, route_topk=8, **variant)
+    dense_model.set_attn_implementation(dense)
+    expected = dense_model(input_ids, attention_mask=attention_mask).last_hidden_state
+    actual = routed(input_ids, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_routing_changes_the_output_when_top_k_is_small():
+    model = eval_model(DualRouteModel, route_topk=2)
+    input_ids, attention_mask = random_batch(model.config, padded=False, length=32)
+    routed = model(input_ids, attention_mask=attention_mask).last_hidden_state
+    model.set_attn_implementation("sdpa")
+    dense = model(input_ids, attention_mask=attention_mask).last_hidden_state
+    assert (routed - dense).abs().max() > 1e-3
+
+
+def test_padding_and_batching_do_not_change_logits():
+    model = eval_model(num_labels=2, classifier_pooling="mean")
+    input_ids, attention_mask = random_batch(model.config, batch=3, length=21)
+    batch_logits = model(input_ids, attention_mask=attention_mask).logits
+    for b in range(3):
+        length = int(attention_mask[b].sum())
+        alone = model(input_ids[b : b + 1, :length]).logits
+        torch.testing.assert_close(batch_logits[b : b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_keeps_positions():
+    """Positions count real tokens, so left padding only changes block boundaries (documented), not positions."""
+    model = eval_model(DualRouteModel, route_topk=8)  # every block: no routing difference
+    ids = torch.randint(4, 99, (1, 9))
+    left = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    alone = model(ids).last_hidden_state
+    padded = model(left, attention_mask=mask).last_hidden_state[:, 4:]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_embeds_equal_input_ids():
+    model = eval_model(DualRouteModel)
+    input_ids, attention_mask = random_batch(model.config)
+    embeds = model.get_input_embeddings()(input_ids)
+    torch.testing.assert_close(
+        model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state,
+        model(input_ids, attention_mask=attention_mask).last_hidden_state,
+    )
+
+
+def test_deterministic_in_eval_and_random_in_train():
+    model = eval_model(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    input_ids, attention_mask = random_batch(model.config)
+    assert torch.equal(
+        model(input_ids, attention_mask=attention_mask).logits, model(input_ids, attention_mask=attention_mask).logits
+    )
+    model.train()
+    assert not torch.equal(
+        model(input_ids, attention_mask=attention_mask).logits, model(input_ids, attention_mask=attention_mask).logits
+    )
+
+
+def test_resize_token_embeddings():
+    model = eval_model(DualRouteModel)
+    model.resize_token_embeddings(120)
+    assert model.get_input_embeddings().weight.shape == (120, 32) and model.config.vocab_size == 120
+    assert model(torch.tensor([[2, 110, 119, 3]])).last_hidden_state.shape == (1, 4, 32)
+
+
+# -- losses ------------------------------------------------------------------------------------------------------------
+
+
+def test_losses_for_every_problem_type():
+    input_ids, attention_mask = random_batch(tiny_config())
+    model = eval_model(num_labels=3)
+    out = model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 2, 1]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2, 1])))
+    assert model.config.problem_type == "single_label_classification"
+    model = eval_model(num_labels=3)
+    labels = torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0]])
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels))
+    model = eval_model(num_labels=1)
+    out = model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.mse_loss(out.logits.view(-1), torch.tensor([0.5, -1.0, 2.0]))
+    )
+
+
+@pytest.mark.parametrize(
+    "num_labels, labels, words",
+    [
+        (3, torch.ones(3, 2), "multi-label classification needs `labels` of shape (3, 3), got (3, 2)"),
+        (
+            3,
+            torch.tensor([[0, 1, 2]]).repeat(3, 1),
+            "single-label classification needs integer `labels` of shape (3,)",
+        ),
+        (2, torch.tensor([0, 1]), "single-label classification needs integer `labels` of shape (3,)"),
+        (1, torch.tensor([0.5, 1.0]), "regression needs `labels` with 3 values"),
+    ],
+)
+def test_labels_of_the_wrong_shape_raise(num_labels, labels, words):
+    model = eval_model(num_labels=num_labels)
+    input_ids, attention_mask = random_batch(model.config)
+    with pytest.raises(ValueError, match=__import__("re").escape(words)):
+        model(input_ids, attention_mask=attention_mask, labels=labels)
+
+
+# -- errors ------------------------------------------------------------------------------------------------------------
+
+
+def test_input_longer_than_absolute_positions_raises():
+    model = eval_model(DualRouteModel, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="input length 20 exceeds max_position_embeddings=16"):
+        model(torch.randint(4, 99, (1, 20)))
+    rope = eval_model(DualRouteModel, max_position_embeddings=16, position_embedding_type="rope")
+    assert rope(torch.randint(4, 99, (1, 20))).last_hidden_state.shape == (1, 20, 32)  # RoPE has no table to outgrow
+
+
+def test_bad_inputs_raise():
+    model = eval_model(DualRouteModel)
+    with pytest.raises(ValueError, match="exactly one of `input_ids`"):
+        model()
+    with pytest.raises(ValueError, match=r"`attention_mask` must have shape \(batch, seq\) = \(1, 5\), got \(1, 4\)"):
+        model(torch.randint(4, 99, (1, 5)), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match=r"`input_ids` must have shape \(batch, seq\)"):
+        model(torch.randint(4, 99, (5,)))
+
+
+def test_custom_4d_mask_with_dualroute_raises_clearly():
+    from modeling_dualroute.attention_dualroute import dualroute_attention_forward
+
+    model = eval_model(DualRouteModel)
+    q = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="expects a 2D padding mask"):
+        dualroute_attention_forward(model.layers[0].self_attn, q, q, q, torch.zeros(1, 1, 8, 8))
+
+
+# -- training machinery ------------------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    input_ids, attention_mask = random_batch(tiny_config())
+    labels = torch.tensor([0, 1, 1])
+
+    def grads(checkpointing):
+        model = eval_model(num_labels=2)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        model(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_gradients_reach_every_parameter():
+    model = eval_model(num_labels=2)
+    input_ids, attention_mask = random_batch(model.config, length=32)
+    model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 1])).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == ["model.embeddings.token_type_embeddings.weight"] or missing == [], missing
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_matches_eager():
+    model = eval_model(num_labels=2, route_backend="gather")
+    input_ids, attention_mask = random_batch(model.config, length=24)
+    expected = model(input_ids, attention_mask=attention_mask).logits
+    compiled = torch.compile(model, fullgraph=True)  # one graph: routing takes no data-dependent Python branch
+    torch.testing.assert_close(
+        compiled(input_ids, attention_mask=attention_mask).logits, expected, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_half_precision_forward_is_finite():
+    model = eval_model(num_labels=2).to(torch.bfloat16)
+    input_ids, attention_mask = random_batch(model.config)
+    assert torch.isfinite(model(input_ids, attention_mask=attention_mask).logits).all()
