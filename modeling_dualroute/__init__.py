@@ -6,21 +6,28 @@ with ``register_for_auto_class``, so each ``save_pretrained`` also writes the fl
 (Hub use with ``trust_remote_code=True`` where the package is not installed).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from .attention_dualroute import routed_attention
 from .configuration_dualroute import DualRouteConfig
-from .modeling_dualroute import DualRouteForSequenceClassification, DualRouteModel, DualRoutePreTrainedModel
+from .modeling_dualroute import (
+    DualRouteForConditionalGeneration,
+    DualRouteForSequenceClassification,
+    DualRouteModel,
+    DualRoutePreTrainedModel,
+)
 from .routing_dualroute import route_blocks
 
 
 AutoConfig.register(DualRouteConfig.model_type, DualRouteConfig, exist_ok=True)
 AutoModel.register(DualRouteConfig, DualRouteModel, exist_ok=True)
 AutoModelForSequenceClassification.register(DualRouteConfig, DualRouteForSequenceClassification, exist_ok=True)
+AutoModelForSeq2SeqLM.register(DualRouteConfig, DualRouteForConditionalGeneration, exist_ok=True)
 
 
 __all__ = [
     "DualRouteConfig",
+    "DualRouteForConditionalGeneration",
     "DualRouteForSequenceClassification",
     "DualRouteModel",
     "DualRoutePreTrainedModel",

@@ -28,9 +28,10 @@ from .routing_dualroute import _route_checked, check_routing_inputs, num_blocks,
 
 BACKENDS = ("auto", "reference", "gather", "flex")
 
-# `auto` runs dense attention with the routed mask M when q_len * k_len is at most this many scores: below it one
-# masked dense call beats gathering blocks (crossover measured on a 2-core CPU at 8 heads, head_dim 64: 256 tokens).
-AUTO_DENSE_MAX_SCORES = 256 * 256
+# `auto` runs dense attention with the routed mask M when there are at most this many keys: below it one masked dense
+# call beats gathering blocks (crossover measured on a 2-core CPU at 8 heads, head_dim 64: 256 tokens). Above it, even
+# a single decoding query gathers its k blocks rather than reading every key.
+AUTO_DENSE_MAX_KEYS = 256
 
 
 def check_backend(backend) -> None:
@@ -145,7 +146,7 @@ def choose_backend(
         return "reference"
     if top_k >= n_key_blocks:
         return "dense"
-    if q_len * k_len <= AUTO_DENSE_MAX_SCORES:
+    if k_len <= AUTO_DENSE_MAX_KEYS:
         return "dense_routed"
     if (
         device.type == "cuda"

@@ -388,10 +388,15 @@ def convert(
     tied = {name for name in missing if _is_tied(model, name)}
     report.copied = sorted(new_state)
     report.new = sorted(set(missing) - tied)
+    used_storage = {source_state[name].data_ptr() for name in used_sources}  # tied aliases share storage
     report.unused = sorted(
-        name for name in source_state if name not in used_sources and not name.endswith("position_ids")
+        name
+        for name, tensor in source_state.items()
+        if name not in used_sources and tensor.data_ptr() not in used_storage and not name.endswith("position_ids")
     )
     model.tie_weights()
+    if task == "seq2seq" and family == "bart":
+        _copy_generation_config(src, model)
     model.eval()
     if out is not None:
         out = Path(out)
@@ -441,6 +446,16 @@ def _special_token(src: str, tokenizer_attribute: str, config, config_attribute:
             f"cannot find {tokenizer_attribute} for the BERT2BERT decoder in {src!r}; add a tokenizer to the checkpoint."
         )
     return value
+
+
+def _copy_generation_config(src: str, model) -> None:
+    """BART checkpoints carry generation defaults (forced EOS, beams, lengths) that define how they generate."""
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    except OSError:  # no generation_config.json: the defaults derived from the config stay
+        pass
 
 
 def _copy_tokenizer(src: str, out: Path, max_positions: int) -> None:

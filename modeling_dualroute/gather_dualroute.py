@@ -60,8 +60,10 @@ def tile_plan_from_routes(
     """
     if not per_token:
         return TilePlan(tile_size=block_size, kv_blocks=plan, row_slots=None)
-    tile_size = tile_size or PER_TOKEN_TILE_SIZE
     batch, kv_heads, q_len, top_k = plan.shape
+    tile_size = tile_size or min(PER_TOKEN_TILE_SIZE, q_len)  # one decoding query is a tile of one
+    if tile_size == 1:  # a tile of one token: its slots are its own selection, nothing to merge or mask
+        return TilePlan(tile_size=1, kv_blocks=plan, row_slots=None)
     n_tiles = num_blocks(q_len, tile_size)
     padded = torch.nn.functional.pad(plan, (0, 0, 0, n_tiles * tile_size - q_len), value=-1)
     # one-hot of each token's selection over key blocks; column n_key_blocks catches the -1 padding

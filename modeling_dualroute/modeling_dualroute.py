@@ -16,20 +16,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention_dualroute import register_dualroute_attention
+from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
+from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
 
 
 register_dualroute_attention()
@@ -52,6 +57,25 @@ class DualRouteModelOutput(BaseModelOutput):
 @dataclass
 class DualRouteSequenceClassifierOutput(SequenceClassifierOutput):
     router_indices: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class DualRouteDecoderOutput(BaseModelOutput):
+    """Decoder output: ``cache`` (an `EncoderDecoderCache`), cross-attentions, and the routing of the decoder's
+    self-attention (``router_indices``: per token, ``(batch, kv_heads, q_len, top_k)``) and cross-attention
+    (``cross_router_indices``: per token, over encoder key blocks)."""
+
+    cache: Cache | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    router_indices: tuple[torch.Tensor | None, ...] | None = None
+    cross_router_indices: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class DualRouteSeq2SeqLMOutput(Seq2SeqLMOutput):
+    encoder_router_indices: tuple[torch.Tensor | None, ...] | None = None
+    decoder_router_indices: tuple[torch.Tensor | None, ...] | None = None
+    cross_router_indices: tuple[torch.Tensor | None, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,19 +225,53 @@ class DualRouteAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim)
         self.out_proj = nn.Linear(num_heads * self.head_dim, config.hidden_size)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_value_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``key_value_states``: the encoder's hidden states (cross-attention). ``attention_mask``: with the
+        ``dualroute`` implementation the 2D key padding mask (or ``None``), else transformers' 4D mask."""
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        if position_embeddings is not None:
-            query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
+        routing = self.routed and self.config._attn_implementation == "dualroute"
+        block_size = self.config.route_block_size if routing else None
+        key_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        layer_cache = None
+        if self.is_cross_attention:
+            cross_cache = cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else None
+            if cross_cache is not None and cache.is_updated.get(self.layer_idx):  # encoder keys cached at step one
+                layer_cache = cross_cache.layers[self.layer_idx]
+                key, value = layer_cache.keys, layer_cache.values
+            else:
+                kv_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+                key = self.k_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                value = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)
+                if cross_cache is not None:
+                    key, value = cross_cache.update(
+                        key, value, self.layer_idx, block_size=block_size, key_mask=key_mask
+                    )
+                    cache.is_updated[self.layer_idx] = True
+                    layer_cache = cross_cache.layers[self.layer_idx]
+        else:
+            key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            if position_embeddings is not None:
+                query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
+            if cache is not None:
+                self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+                new_key_mask = None if key_mask is None else key_mask[:, -input_shape[1] :]
+                key, value = self_cache.update(
+                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask
+                )
+                layer_cache = self_cache.layers[self.layer_idx]
+        if routing and isinstance(layer_cache, DualRouteCacheLayer):
+            kwargs["key_descriptors"] = layer_cache.key_descriptors(block_size)  # no re-reading of cached keys
         return self._attend(query, key, value, attention_mask, input_shape, **kwargs)
 
     def _attend(self, query, key, value, attention_mask, input_shape, **kwargs):
@@ -288,6 +346,49 @@ class DualRouteEncoderLayer(GradientCheckpointingLayer):
         return self.final_layer_norm(residual + hidden_states)
 
 
+class DualRouteDecoderLayer(GradientCheckpointingLayer):
+    """Post-LayerNorm decoder block: causal self-attention, cross-attention over the encoder, feed-forward (BART)."""
+
+    def __init__(self, config: DualRouteConfig, layer_idx: int):
+        super().__init__()
+        routed = config.decoder_layer_types[layer_idx] == ROUTED_ATTENTION
+        heads = dict(num_heads=config.decoder_attention_heads, num_key_value_heads=config.decoder_num_key_value_heads)
+        self.self_attn = DualRouteAttention(config, **heads, is_causal=True, routed=routed, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder_attn = DualRouteAttention(
+            config, **heads, is_cross_attention=True, routed=routed, layer_idx=layer_idx
+        )
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DualRouteFeedForward(config, config.decoder_intermediate_size)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = config.hidden_dropout_prob
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _, _ = self.self_attn(hidden_states, attention_mask, position_embeddings, cache=cache, **kwargs)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+        residual = hidden_states
+        hidden_states, _, _ = self.encoder_attn(
+            hidden_states, encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache, **kwargs
+        )
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
+        residual = hidden_states
+        hidden_states = nn.functional.dropout(self.mlp(hidden_states), p=self.dropout, training=self.training)
+        return self.final_layer_norm(residual + hidden_states)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -318,6 +419,8 @@ class DualRoutePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear, Embedding (padding row zero), LayerNorm with initializer_range
         if isinstance(module, DualRouteRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, DualRouteForConditionalGeneration):
+            init.zeros_(module.final_logits_bias)
 
 
 class DualRouteModel(DualRoutePreTrainedModel):
@@ -395,6 +498,105 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
             f"`attention_mask` must have shape (batch, seq) = ({batch}, {length}), got {tuple(attention_mask.shape)}."
         )
     return batch, length
+
+
+class DualRouteDecoder(DualRoutePreTrainedModel):
+    """The decoder of `DualRouteForConditionalGeneration`: causal self-attention routed per token, cross-attention
+    routed per token over the encoder's key blocks; both stay sparse in cached decoding."""
+
+    _can_record_outputs = {
+        "hidden_states": DualRouteDecoderLayer,
+        "attentions": OutputRecorder(DualRouteAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(DualRouteAttention, index=1, layer_name="encoder_attn"),
+        "router_indices": OutputRecorder(DualRouteAttention, index=2, layer_name="self_attn"),
+        "cross_router_indices": OutputRecorder(DualRouteAttention, index=2, layer_name="encoder_attn"),
+    }
+
+    def __init__(self, config: DualRouteConfig):
+        super().__init__(config)
+        self.embeddings = DualRouteEmbeddings(config, config.decoder_max_position_embeddings)
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = DualRouteRotaryEmbedding(config, config.hidden_size // config.decoder_attention_heads)
+        self.layers = nn.ModuleList([DualRouteDecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DualRouteDecoderOutput:
+        batch, length = check_inputs(input_ids, inputs_embeds, None)
+        if encoder_hidden_states is None:
+            raise ValueError("the decoder needs `encoder_hidden_states` (batch, source_len, hidden).")
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
+            raise ValueError(
+                f"`decoder_attention_mask` must have shape (batch, past + seq) = ({batch}, {past_length + length}), "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        if self.embeddings.position_embeddings is not None and past_length + length > self.embeddings.max_positions:
+            raise ValueError(
+                f"decoder length {past_length + length} exceeds decoder_max_position_embeddings="
+                f"{self.embeddings.max_positions}; generate fewer tokens (max_new_tokens) or use a larger table."
+            )
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        position_ids = torch.arange(past_length, past_length + length, device=device)[None, :].expand(batch, -1)
+        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids)
+        position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=self_cache
+        )
+        encoder_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=encoder_attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+        )
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                mask,
+                encoder_hidden_states,  # positional: differentiable inputs of checkpointed layers must be
+                encoder_attention_mask=encoder_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **kwargs,
+            )
+        return DualRouteDecoderOutput(last_hidden_state=hidden_states, cache=cache)
+
+
+def shift_tokens_right(
+    input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None
+) -> torch.Tensor:
+    """Labels -> decoder inputs: prepend the start token, drop the last token, replace -100 by the pad token."""
+    if decoder_start_token_id is None:
+        raise ValueError("`config.decoder_start_token_id` must be set to build decoder inputs from labels.")
+    if pad_token_id is None:
+        raise ValueError("`config.pad_token_id` must be set to build decoder inputs from labels.")
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1].clone()
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -517,19 +719,157 @@ class DualRouteForSequenceClassification(DualRoutePreTrainedModel):
         )
 
 
+class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixin):
+    """Encoder-decoder with a language-modelling head: long input in, text out. ``model`` is the encoder (the base
+    model shared with the other heads), ``decoder`` the decoder; input, decoder and output embeddings are tied."""
+
+    _tied_weights_keys = {
+        "decoder.embeddings.word_embeddings.weight": "model.embeddings.word_embeddings.weight",
+        "lm_head.weight": "model.embeddings.word_embeddings.weight",
+    }
+    _keys_to_ignore_on_load_missing = ["final_logits_bias"]
+
+    def __init__(self, config: DualRouteConfig):
+        if not config.is_encoder_decoder:
+            raise ValueError(
+                "DualRouteForConditionalGeneration needs an encoder-decoder config: set is_encoder_decoder=True, "
+                "decoder_layers and decoder_start_token_id (see configuration/small-seq2seq.json)."
+            )
+        super().__init__(config)
+        self.model = DualRouteModel(config)
+        self.decoder = DualRouteDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.final_logits_bias = nn.Buffer(torch.zeros(1, config.vocab_size))
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also records the ``dualroute-text2text`` pipeline, whose file is saved with the code."""
+        self.config.custom_pipelines = custom_pipeline_entry()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_encoder(self, modality: str | None = None) -> DualRouteModel:
+        return self.model
+
+    def get_decoder(self) -> DualRouteDecoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings.word_embeddings = value
+        self.decoder.embeddings.word_embeddings = value
+
+    def resize_token_embeddings(
+        self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True
+    ) -> nn.Embedding:
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        old, new = self.final_logits_bias.shape[-1], embeddings.weight.shape[0]
+        bias = (
+            self.final_logits_bias[:, :new]
+            if new <= old
+            else nn.functional.pad(self.final_logits_bias, (0, new - old))
+        )
+        self.final_logits_bias = nn.Buffer(bias)
+        return embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DualRouteSeq2SeqLMOutput:
+        r"""
+        labels: ``(batch, target_len)`` token ids; ``-100`` is ignored. Decoder inputs default to the labels shifted
+            right behind ``decoder_start_token_id``.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if kwargs.get("output_router_indices"):
+            kwargs["output_cross_router_indices"] = True
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if encoder_outputs is None:
+            encoder_outputs = self.model(
+                input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = DualRouteModelOutput(*encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(decoder_outputs.last_hidden_state) + self.final_logits_bias.to(self.lm_head.weight.dtype)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have shape (batch, target_len) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
+                )
+            # a sum over tokens divided by the tokens of the whole accumulated batch under the Trainer (num_items_in_batch)
+            loss = fixed_cross_entropy(
+                logits.view(-1, logits.shape[-1]).float(),
+                labels.reshape(-1).to(logits.device),
+                num_items_in_batch=num_items_in_batch,
+            )
+        return DualRouteSeq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            encoder_router_indices=getattr(encoder_outputs, "router_indices", None),
+            decoder_router_indices=decoder_outputs.router_indices,
+            cross_router_indices=decoder_outputs.cross_router_indices,
+        )
+
+
 # Every save writes the flat code files (`register_for_auto_class`) and this map. Done here, at import of the modeling
 # file, so that it also holds for classes loaded as remote code, where no package __init__ runs.
 AUTO_MAP = {
     "AutoConfig": "configuration_dualroute.DualRouteConfig",
     "AutoModel": "modeling_dualroute.DualRouteModel",
     "AutoModelForSequenceClassification": "modeling_dualroute.DualRouteForSequenceClassification",
+    "AutoModelForSeq2SeqLM": "modeling_dualroute.DualRouteForConditionalGeneration",
 }
 DualRouteConfig.register_for_auto_class()
 DualRouteModel.register_for_auto_class("AutoModel")
 DualRouteForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+DualRouteForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 
 __all__ = [
+    "DualRouteDecoder",
+    "DualRouteForConditionalGeneration",
     "DualRouteForSequenceClassification",
     "DualRouteModel",
     "DualRoutePreTrainedModel",

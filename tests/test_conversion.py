@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -211,3 +212,87 @@ def test_minilm_extended_to_4096_runs_long_inputs_and_pipeline(tmp_path):
     classify = pipeline("text-classification", model=str(out))
     assert classify(text, truncation=True)[0]["label"] in {"LABEL_0", "LABEL_1"}
     assert AutoModelForSequenceClassification.from_pretrained(out).config.max_position_embeddings == 4096
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=2,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config)
+
+
+def test_bart_converts_exactly_and_generates_the_same(tmp_path):
+    from modeling_dualroute import DualRouteForConditionalGeneration
+
+    torch.manual_seed(0)
+    source = tiny_bart()
+    folder = save_source(source, tmp_path / "bart")
+    converted, report = convert(str(folder), tmp_path / "converted", block_size=4, topk=64)
+    assert isinstance(converted, DualRouteForConditionalGeneration)
+    assert report.new == [] and report.unused == []
+    input_ids, attention_mask = padded_inputs()
+    input_ids[attention_mask == 0] = 1
+    decoder_input_ids = torch.randint(4, 99, (3, 9))
+    with torch.no_grad():
+        expected = source(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+        actual = converted(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+    assert (actual.logits - expected.logits).abs().max() <= 1e-4
+    real = attention_mask.bool()
+    assert (actual.encoder_last_hidden_state[real] - expected.encoder_last_hidden_state[real]).abs().max() <= 1e-4
+    options = dict(attention_mask=attention_mask, max_new_tokens=10, num_beams=2)
+    assert torch.equal(converted.generate(input_ids, **options), source.generate(input_ids, **options))
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "converted")
+    assert reloaded.generation_config.forced_eos_token_id == 2
+
+
+def test_encoder_checkpoint_warm_starts_both_sides_bert2bert(tmp_path):
+    from modeling_dualroute import DualRouteForConditionalGeneration
+
+    torch.manual_seed(0)
+    source = BertModel(BertConfig(**SMALL))
+    folder = save_source(source, tmp_path / "bert")
+    model, report = convert(str(folder), None, task="seq2seq", block_size=4, topk=3)
+    assert isinstance(model, DualRouteForConditionalGeneration)
+    assert (model.config.decoder_start_token_id, model.config.eos_token_id) == (2, 3)  # [CLS], [SEP]
+    new = {name.split(".", 3)[-1] for name in report.new if name.startswith("decoder.layers.")}
+    assert new == {
+        f"encoder_attn.{p}.{k}" for p in ("q_proj", "k_proj", "v_proj", "out_proj") for k in ("weight", "bias")
+    } | {
+        "encoder_attn_layer_norm.weight",
+        "encoder_attn_layer_norm.bias",
+    }
+    # both sides carry the encoder's weights; the output embedding is tied to the input one
+    torch.testing.assert_close(
+        model.decoder.layers[1].mlp.fc1.weight, source.encoder.layer[1].intermediate.dense.weight
+    )
+    torch.testing.assert_close(
+        model.model.layers[0].self_attn.q_proj.weight, source.encoder.layer[0].attention.self.query.weight
+    )
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.word_embeddings.weight.data_ptr()
+    input_ids, attention_mask = padded_inputs()
+    out = model(input_ids, attention_mask=attention_mask, labels=torch.randint(4, 99, (3, 6)))
+    out.loss.backward()
+    assert model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4).shape[0] == 3
+
+
+@pytest.mark.slow
+def test_real_minilm_bert2bert_warm_start_trains_and_generates(tmp_path):
+    """The only real-weight encoder-decoder that can be assembled offline: MiniLM on both sides."""
+    from modeling_dualroute import assets
+
+    model, report = convert(str(assets.minilm_dir()), tmp_path / "b2b", task="seq2seq", block_size=32, topk=4)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "b2b")
+    article = assets.news_articles()[0]
+    batch = tokenizer(article["text"], truncation=True, max_length=512, return_tensors="pt")
+    labels = tokenizer(article["title"], return_tensors="pt")["input_ids"][:, 1:]
+    model.train()
+    out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss) and out.loss > 1.0
+    out.loss.backward()
+    model.eval()
+    generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6)
+    assert generated.shape[1] <= 7 and generated[0, 0] == tokenizer.cls_token_id

@@ -1,0 +1,356 @@
+"""DualRouteForConditionalGeneration: routed decoder and cross-attention, sparse cached decoding, generate()."""
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, pipeline
+
+import modeling_dualroute.attention_dualroute as attention_module
+from modeling_dualroute import DualRouteForConditionalGeneration
+from modeling_dualroute.cache_dualroute import DualRouteCacheLayer
+from modeling_dualroute.routing_dualroute import block_sums
+
+from helpers import make_tokenizer, random_batch, run_python_without_package, tiny_seq2seq_config
+
+
+def make_model(**overrides):
+    torch.manual_seed(0)
+    options = dict(initializer_range=0.3)  # large weights: the tiny model generates varied tokens
+    options.update(overrides)
+    return DualRouteForConditionalGeneration(tiny_seq2seq_config(**options)).eval()
+
+
+def source(model, length=23):
+    return random_batch(model.config, batch=2, length=length)
+
+
+def test_forward_shapes_loss_and_routing_outputs():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    labels = torch.randint(4, 99, (2, 7))
+    labels[1, 5:] = -100
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, output_router_indices=True)
+    assert out.logits.shape == (2, 7, 99)
+    manual = torch.nn.functional.cross_entropy(out.logits.view(-1, 99), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    assert [r.shape for r in out.encoder_router_indices] == [(2, 4, 6, 2)] * 2  # per query block
+    assert [r.shape for r in out.decoder_router_indices] == [(2, 4, 7, 2)] * 2  # per decoder token
+    assert [r.shape for r in out.cross_router_indices] == [(2, 4, 7, 2)] * 2  # per decoder token, encoder blocks
+
+
+def test_labels_are_shifted_behind_the_start_token():
+    model = make_model()
+    labels = torch.tensor([[10, 11, -100]])
+    assert model.prepare_decoder_input_ids_from_labels(labels).tolist() == [[2, 10, 11]]
+
+
+def test_decoder_is_causal():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    decoder = torch.randint(4, 99, (2, 12))
+    logits = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder).logits
+    changed = decoder.clone()
+    changed[:, 7:] = torch.randint(4, 99, (2, 5))
+    logits2 = model(input_ids, attention_mask=attention_mask, decoder_input_ids=changed).logits
+    torch.testing.assert_close(logits2[:, :7], logits[:, :7], atol=1e-5, rtol=1e-5)
+    assert (logits2[:, 7:] - logits[:, 7:]).abs().max() > 1e-3
+
+
+def test_cached_step_by_step_logits_equal_one_full_forward():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    decoder = torch.randint(4, 99, (2, 19))  # 19 tokens: the decoder's last block is open
+    full = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder).logits
+    encoder_outputs = model.get_encoder()(input_ids, attention_mask=attention_mask)
+    cache, steps = None, []
+    for t in range(decoder.shape[1]):
+        out = model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder[:, t : t + 1],
+            cache=cache,
+            use_cache=True,
+        )
+        cache, steps = out.cache, steps + [out.logits]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert isinstance(cache.self_attention_cache.layers[0], DualRouteCacheLayer)
+    assert isinstance(cache.cross_attention_cache.layers[0], DualRouteCacheLayer)
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=False), dict(num_beams=3, do_sample=False)])
+def test_generate_with_and_without_cache_gives_the_same_sequences(options):
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    common = dict(max_new_tokens=18, min_new_tokens=18, **options)
+    cached = model.generate(input_ids, attention_mask=attention_mask, **common)
+    uncached = model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **common)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0].tolist())) > 2  # a non-degenerate sequence
+
+
+def test_sampling_and_num_return_sequences():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    torch.manual_seed(1)
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, do_sample=True, num_return_sequences=3, max_new_tokens=8
+    )
+    assert out.shape[0] == 6
+
+
+def assert_descriptors_match_keys(layer: DualRouteCacheLayer):
+    expected_sums, expected_counts = block_sums(layer.keys, layer.block_size, layer.key_mask)
+    torch.testing.assert_close(layer.block_sums, expected_sums, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.block_counts, expected_counts)
+
+
+def test_descriptors_follow_beam_reordering_crop_and_batch_selection():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        num_beams=3,
+        max_new_tokens=14,
+        min_new_tokens=14,
+        return_dict_in_generate=True,
+    )
+    cache = out.cache
+    for layer in cache.self_attention_cache.layers + cache.cross_attention_cache.layers:
+        assert layer.block_sums is not None
+        assert_descriptors_match_keys(layer)
+    # the cross-attention descriptors cover the padded encoder keys with their mask
+    cross = cache.cross_attention_cache.layers[0]
+    assert cross.key_mask.shape == (6, 23) and cross.block_counts[-1].tolist() == [4, 4, 4, 4, 4, 0]  # 20 real tokens
+    length = cache.self_attention_cache.layers[0].keys.shape[2]
+    cache.crop(-5)
+    cache.batch_select_indices(torch.tensor([0, 2, 5]))
+    cache.batch_repeat_interleave(2)
+    cache.reorder_cache(torch.tensor([5, 4, 3, 2, 1, 0]))
+    for layer in cache.self_attention_cache.layers + cache.cross_attention_cache.layers:
+        assert layer.keys.shape[0] == 6
+        assert_descriptors_match_keys(layer)
+    assert cache.self_attention_cache.layers[0].keys.shape[2] == length - 5
+
+
+def test_a_broken_reorder_is_caught():
+    """The descriptor check above can fail: descriptors not reordered with the keys no longer match them."""
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, return_dict_in_generate=True)
+    layer = out.cache.self_attention_cache.layers[0]
+    layer.keys = layer.keys.flip(0)  # keys reordered, descriptors not
+    with pytest.raises(AssertionError):
+        assert_descriptors_match_keys(layer)
+
+
+def test_decoding_reads_only_the_selected_blocks(monkeypatch):
+    """Each decode step gathers k blocks (k * B keys) for self- and cross-attention, not the whole sequence."""
+    model = make_model(
+        route_block_size=16, route_topk=3, max_position_embeddings=1024, decoder_max_position_embeddings=512
+    )
+    input_ids = torch.randint(4, 99, (1, 800))
+    calls = []
+    original = attention_module.gather_attention
+
+    def spy(query, key, value, plan, **kwargs):
+        calls.append((query.shape[2], key.shape[2], plan.kv_blocks.shape[-1], plan.tile_size))
+        return original(query, key, value, plan, **kwargs)
+
+    original_dense = attention_module.dense_attention
+
+    def no_dense(query, key, value, mask, **kwargs):
+        if key.shape[2] > 3 * 16:  # more keys than top-k blocks hold: routing should have gathered them
+            raise AssertionError(f"dense attention over {key.shape[2]} keys during decoding")
+        return original_dense(query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(attention_module, "gather_attention", spy)
+    monkeypatch.setattr(attention_module, "AUTO_DENSE_MAX_KEYS", 32)  # route the decoder's self-attention early
+    model.generate(input_ids, max_new_tokens=3, min_new_tokens=3)  # warm-up
+    calls.clear()
+    monkeypatch.setattr(attention_module, "dense_attention", no_dense)
+    out = model.generate(input_ids, max_new_tokens=80, min_new_tokens=80, return_dict_in_generate=True)
+    decode_calls = [c for c in calls if c[0] == 1]
+    cross = [c for c in decode_calls if c[1] == 800]
+    self_attention = [c for c in decode_calls if c[1] != 800]
+    assert len(cross) == 2 * 80  # 2 layers, every step
+    assert len(self_attention) == 2 * (80 - 48)  # from the step where the keys outgrow the 3 blocks
+    assert all(slots <= 3 and tile == 1 for _, _, slots, tile in cross + self_attention)
+    assert out.sequences.shape[1] == 81
+
+
+def test_full_top_k_equals_the_dense_twin():
+    routed = make_model(route_topk=16)
+    input_ids, attention_mask = source(routed)
+    decoder = torch.randint(4, 99, (2, 9))
+    expected_model = make_model(route_topk=16)
+    expected_model.set_attn_implementation("sdpa")
+    expected = expected_model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder).logits
+    actual = routed(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(
+        routed.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10),
+        expected_model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10),
+    )
+
+
+def test_tied_embeddings_and_save_load(tmp_path):
+    model = make_model()
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.word_embeddings.weight.data_ptr()
+    assert (
+        model.decoder.embeddings.word_embeddings.weight.data_ptr()
+        == model.model.embeddings.word_embeddings.weight.data_ptr()
+    )
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.word_embeddings.weight.data_ptr()
+    input_ids, attention_mask = source(model)
+    assert torch.equal(
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6),
+        loaded.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6),
+    )
+    model.resize_token_embeddings(110)
+    assert model.final_logits_bias.shape == (1, 110) and model.lm_head.weight.shape == (110, 32)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="needs an encoder-decoder config"):
+        DualRouteForConditionalGeneration(tiny_seq2seq_config(is_encoder_decoder=False))
+    model = make_model(decoder_max_position_embeddings=16)
+    input_ids, attention_mask = source(model)
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(batch, target_len\) = \(2, 5\)"):
+        model(
+            input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=torch.ones(2, 5, dtype=torch.long),
+            labels=torch.ones(2, 4, dtype=torch.long),
+        )
+    with pytest.raises(ValueError, match="decoder length 20 exceeds decoder_max_position_embeddings=16"):
+        model(input_ids, attention_mask=attention_mask, decoder_input_ids=torch.ones(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`decoder_attention_mask` must have shape"):
+        model(input_ids, decoder_input_ids=torch.ones(2, 5, dtype=torch.long), decoder_attention_mask=torch.ones(2, 4))
+
+
+def test_seq2seq_pipeline(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    generate = pipeline("dualroute-text2text", model=str(tmp_path), trust_remote_code=True)
+    results = generate(["good film about a king", "the river"], max_new_tokens=5)
+    assert [len(r) for r in results] == [1, 1] and all(isinstance(r[0]["generated_text"], str) for r in results)
+    tokenizer = make_tokenizer()
+    expected = model.generate(**tokenizer("the river", return_tensors="pt").to(torch.device("cpu")), max_new_tokens=5)
+    assert results[1][0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_remote_code_generate_and_pipeline_without_the_package(tmp_path):
+    model = make_model()
+    folder = tmp_path / "seq2seq"
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    input_ids, attention_mask = source(model)
+    expected = model.generate(input_ids, attention_mask=attention_mask, num_beams=2, max_new_tokens=8)
+    torch.save({"input_ids": input_ids, "attention_mask": attention_mask, "expected": expected}, tmp_path / "io.pt")
+    out = run_python_without_package(
+        f"""
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, pipeline
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules")
+        out = model.generate(io["input_ids"], attention_mask=io["attention_mask"], num_beams=2, max_new_tokens=8, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, io["expected"])
+        assert type(out.cache.self_attention_cache.layers[0]).__name__ == "DualRouteCacheLayer"
+        generate = pipeline("dualroute-text2text", model={str(folder)!r}, trust_remote_code=True)
+        print("PIPELINE", generate("the river", max_new_tokens=4))
+        print("OK")
+        """,
+        tmp_path,
+    )
+    assert "OK" in out and "PIPELINE" in out
+
+
+def copy_task(n, seed, tokenizer):
+    """Output the first three words of the input: learnable by a tiny model in a few hundred steps."""
+    import random
+
+    from helpers import WORDS
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS[:40]) for _ in range(rng.randrange(6, 14))]
+        rows.append(
+            {
+                "input_ids": tokenizer(" ".join(words))["input_ids"],
+                "labels": tokenizer(" ".join(words[:3]))["input_ids"][1:],
+            }
+        )
+    return rows
+
+
+@pytest.mark.slow
+def test_seq2seq_trainer_with_predict_with_generate(tmp_path):
+    import numpy as np
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = DualRouteForConditionalGeneration(
+        tiny_seq2seq_config(hidden_size=64, num_attention_heads=4, intermediate_size=128, route_topk=3, eos_token_id=3)
+    )
+    model.generation_config.max_new_tokens = 6
+    train, evaluation = copy_task(512, 0, tokenizer), copy_task(48, 1, tokenizer)
+
+    def exact_match(prediction):
+        predictions, labels = prediction
+        labels = np.where(labels == -100, tokenizer.pad_token_id, labels)
+        decoded = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        expected = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        return {"exact_match": float(np.mean([p.strip() == e.strip() for p, e in zip(decoded, expected)]))}
+
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=32,
+            learning_rate=3e-3,
+            num_train_epochs=12,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            predict_with_generate=True,
+            disable_tqdm=True,
+            logging_steps=10,
+            seed=0,
+        ),  # fmt: skip
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        compute_metrics=exact_match,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.3 * losses[0], losses
+    metrics = trainer.evaluate()
+    assert metrics["eval_exact_match"] >= 0.8, metrics
+
+
+def test_seq2seq_gradient_accumulation_matches_one_batch():
+    """The loss honours num_items_in_batch: accumulated micro-batch gradients equal the large batch's."""
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = make_tokenizer()
+    rows = copy_task(8, 3, tokenizer)
+    model = make_model(initializer_range=0.02)
+    collate = DataCollatorForSeq2Seq(tokenizer, model=model)
+    whole = collate(rows)
+    items = (whole["labels"] != -100).sum()
+    model(**whole, num_items_in_batch=items).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for half in (rows[:4], rows[4:]):
+        model(**collate(half), num_items_in_batch=items).loss.backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4, msg=name)
