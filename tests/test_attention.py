@@ -100,21 +100,47 @@ def test_gather_matches_reference_fixed_cases(kind, q_len, k_len, block_size, to
     )
 
 
-def test_gather_is_chunked(monkeypatch):
-    """Many small chunks give the same result as one chunk (the chunk loop carries no state between chunks)."""
+@pytest.mark.parametrize("kind", ["bidirectional", "causal"])
+def test_gather_is_chunked(monkeypatch, kind):
+    """Many small chunks give the same result as one chunk (per-tile and per-piece kernels)."""
     import modeling_dualroute.gather_dualroute as gather
+    import modeling_dualroute.token_gather_dualroute as token_gather
 
     p = dict(
-        kind="causal", batch=2, kv_heads=2, q_heads=4, q_len=50, k_len=50, dim=8, block_size=4, top_k=3,
+        kind=kind, batch=2, kv_heads=2, q_heads=4, q_len=50, k_len=50, dim=8, block_size=4, top_k=3,
         global_blocks=1, padding="right", seed=3,
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
     whole = output_and_grads(query, key, value, options, "gather")
     monkeypatch.setattr(gather, "SCORE_ELEMENTS_PER_CHUNK", 1)
+    monkeypatch.setattr(token_gather, "SCORE_ELEMENTS_PER_CHUNK", 1)
     assert_close_all(output_and_grads(query, key, value, options, "gather"), whole, atol=1e-6)
 
 
-def test_gather_memory_is_not_quadratic():
+@pytest.mark.parametrize("tile_size", [1, 4, 16])
+@pytest.mark.parametrize("kind", ["causal", "cross"])
+def test_per_token_tile_kernel_matches_reference(kind, tile_size):
+    """Per-token routing through the tile kernel (used for decoding and with dropout) with any tile size."""
+    from modeling_dualroute.gather_dualroute import gather_attention, tile_plan_from_routes
+
+    p = dict(
+        kind=kind, batch=2, kv_heads=2, q_heads=4, q_len=37 if kind == "causal" else 11, k_len=37, dim=8, block_size=4,
+        top_k=3, global_blocks=1, padding="right", seed=11,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    plan = route_blocks(query, key, **options)
+    tiles = tile_plan_from_routes(plan, per_token=True, block_size=4, n_key_blocks=10, tile_size=tile_size)
+    out = gather_attention(
+        query, key, value, tiles, block_size=4, key_valid=options["key_padding_mask"], causal=kind == "causal",
+        query_offset=0, scale=8**-0.5,
+    )  # fmt: skip
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    actual = (out, *torch.autograd.grad((out * weights).sum(), (query, key, value)))
+    assert_close_all(actual, output_and_grads(query, key, value, options, "reference"), atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gather_memory_is_not_quadratic(causal):
     """The largest tensor the gather backend allocates is a chunk of scores, not (q_len, k_len)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -131,7 +157,7 @@ def test_gather_memory_is_not_quadratic():
     n, dim = 4096, 16
     query, key, value = (torch.randn(1, 1, n, dim, requires_grad=True) for _ in range(3))
     with LargestAllocation():
-        out = routed_attention(query, key, value, block_size=64, top_k=4, backend="gather")
+        out = routed_attention(query, key, value, block_size=64, top_k=4, causal=causal, backend="gather")
         out.sum().backward()
     assert LargestAllocation.largest < n * n // 8, LargestAllocation.largest
 

@@ -1,0 +1,224 @@
+# Copyright 2026 The DualRoute Authors. Licensed under the Apache License, Version 2.0.
+"""Level 2, `gather` backend for per-token routing (causal self-attention, cross-attention): block-major pieces.
+
+With per-token routing, neighbouring queries may choose different blocks, so a query tile that gathers the union of
+its tokens' blocks can read many blocks that most of its rows do not use. Here the work is organised by key block
+instead: the (token, block) pairs of the plan are sorted by block, and each block's tokens are cut into *pieces* of
+``rows`` tokens. A piece is one small matmul of its tokens' queries (all heads of the group) against one key block,
+so the work is exactly ``tokens * top_k * block_size`` scores plus the padding of each block's last piece.
+
+A token's softmax spans the pieces of its k blocks, which sit in different chunks. The forward pass therefore runs
+twice over the pieces: first to find each row's maximum score (scatter-max), then to accumulate the exponentials, their
+sums and the weighted values (scatter-add). The backward pass is flash-style from the saved log-sum-exp, like the tile
+kernel in `gather_dualroute.py`; both are tested against the `reference` backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .routing_dualroute import num_blocks
+
+
+# Scores per chunk of pieces (float32 elements); same budget reasoning as the tile kernel.
+SCORE_ELEMENTS_PER_CHUNK = 1 << 19
+MAX_ROWS_PER_PIECE = 64
+
+
+class _Pieces:
+    """The piece tables of one call, shared by the forward and backward passes."""
+
+    def __init__(
+        self, query_shape, key_shape, plan, block_size, key_valid, causal, query_offset, device, compute_dtype
+    ):
+        self.batch, self.q_heads, self.q_len, self.dim = query_shape
+        _, self.kv_heads, self.k_len, _ = key_shape
+        self.group = self.q_heads // self.kv_heads
+        self.block_size = block_size
+        self.compute_dtype = compute_dtype
+        self.causal = causal
+        heads = self.batch * self.kv_heads
+        self.n_key_blocks = num_blocks(self.k_len, block_size)
+        self.n_rows = heads * self.q_len  # one row per (batch, kv head, token); a row holds the group's heads
+
+        # (token row, block) pairs, sorted by global block so that each block's tokens are contiguous
+        top_k = plan.shape[-1]
+        flat_plan = plan.reshape(heads, self.q_len * top_k)
+        row = (
+            torch.arange(self.q_len, device=device).repeat_interleave(top_k)[None, :]
+            + self.q_len * torch.arange(heads, device=device)[:, None]
+        )
+        global_block = flat_plan + self.n_key_blocks * torch.arange(heads, device=device)[:, None]
+        valid = flat_plan >= 0
+        pair_row, pair_block = row[valid], global_block[valid]
+        order = torch.argsort(pair_block, stable=True)
+        pair_row, pair_block = pair_row[order], pair_block[order]
+
+        # cut each block's run of tokens into pieces of `rows` tokens
+        counts = torch.bincount(pair_block, minlength=heads * self.n_key_blocks)
+        used = counts > 0
+        average = pair_row.numel() / max(1, int(used.sum()))
+        self.rows = min(MAX_ROWS_PER_PIECE, 1 << max(0, math.floor(math.log2(max(average, 1.0)))))
+        pieces_per_block = (counts + self.rows - 1) // self.rows
+        first_piece = torch.cumsum(pieces_per_block, 0) - pieces_per_block
+        start_of_block = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(pair_row.numel(), device=device) - start_of_block[pair_block]  # position within the block
+        piece = first_piece[pair_block] + rank // self.rows
+        self.n_pieces = int(pieces_per_block.sum())
+        self.piece_rows = torch.full((self.n_pieces, self.rows), self.n_rows, dtype=torch.long, device=device)
+        self.piece_rows[piece, rank % self.rows] = pair_row  # padding points at an extra, all-masked row
+        self.piece_block = torch.repeat_interleave(
+            torch.arange(heads * self.n_key_blocks, device=device), pieces_per_block
+        )
+
+        # visibility inside a piece: real key, real row, causality
+        self.key_valid = None
+        if key_valid is not None or self.n_key_blocks * block_size != self.k_len:
+            valid_keys = (
+                torch.ones(self.batch, self.k_len, dtype=torch.bool, device=device) if key_valid is None else key_valid
+            )
+            valid_keys = torch.nn.functional.pad(
+                valid_keys, (0, self.n_key_blocks * block_size - self.k_len), value=False
+            )
+            self.key_valid = valid_keys.view(self.batch, 1, self.n_key_blocks, block_size).expand(
+                -1, self.kv_heads, -1, -1
+            )
+            self.key_valid = self.key_valid.reshape(heads * self.n_key_blocks, block_size)
+        if causal:
+            token = torch.arange(self.n_rows + 1, device=device) % self.q_len
+            self.row_position = query_offset + token  # the padding row's position does not matter: it is masked
+            self.block_start = (
+                torch.arange(heads * self.n_key_blocks, device=device) % self.n_key_blocks
+            ) * block_size
+            self.key_offset = torch.arange(block_size, device=device)
+        self.pieces_per_chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.group * block_size))
+
+    # -- layouts -------------------------------------------------------------------------------------------------------
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, hq, lq, d)`` -> ``(rows + 1, group, d)`` in the compute dtype; the last row is zeros (padding)."""
+        x = x.to(self.compute_dtype).view(self.batch, self.kv_heads, self.group, self.q_len, self.dim)
+        x = x.transpose(2, 3).reshape(self.n_rows, self.group, self.dim)
+        return torch.cat([x, x.new_zeros(1, self.group, self.dim)])
+
+    def from_rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[: self.n_rows].view(self.batch, self.kv_heads, self.q_len, self.group, self.dim)
+        return x.transpose(2, 3).reshape(self.batch, self.q_heads, self.q_len, self.dim)
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        pad = self.n_key_blocks * self.block_size - self.k_len
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(self.batch * self.kv_heads * self.n_key_blocks, self.block_size, self.dim)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(self.batch, self.kv_heads, self.n_key_blocks * self.block_size, self.dim)
+        return x[:, :, : self.k_len]
+
+    # -- per chunk of pieces --------------------------------------------------------------------------------------------
+
+    def chunks(self):
+        for start in range(0, self.n_pieces, self.pieces_per_chunk):
+            yield slice(start, min(start + self.pieces_per_chunk, self.n_pieces))
+
+    def scores(self, q_rows, k_blocks, chunk: slice, scale: float):
+        """Gathered queries ``(pieces, rows * group, d)``, keys ``(pieces, block, d)`` and masked scaled scores."""
+        rows, blocks = self.piece_rows[chunk], self.piece_block[chunk]
+        pieces = rows.shape[0]
+        queries = q_rows.index_select(0, rows.reshape(-1)).view(pieces, self.rows * self.group, self.dim)
+        keys = k_blocks.index_select(0, blocks)
+        scores = torch.bmm(queries, keys.transpose(1, 2)).mul_(scale)  # pieces rows*group block
+        visible = (rows < self.n_rows)[:, :, None, None]  # padding rows see nothing
+        if self.key_valid is not None:
+            visible = visible & self.key_valid[blocks][:, None, None, :]
+        if self.causal:
+            key_position = self.block_start[blocks][:, None] + self.key_offset  # pieces block
+            visible = visible & (key_position[:, None, None, :] <= self.row_position[rows][:, :, None, None])
+        scores = scores.view(pieces, self.rows, self.group, self.block_size)
+        scores.masked_fill_(~visible, float("-inf"))
+        return queries, keys, scores.view(pieces, self.rows * self.group, self.block_size)
+
+    def row_index(self, chunk: slice) -> torch.Tensor:
+        """Flat ``(row, group head)`` index of every score row of the chunk: ``(pieces * rows * group,)``."""
+        rows = self.piece_rows[chunk]
+        return (rows[:, :, None] * self.group + torch.arange(self.group, device=rows.device)).reshape(-1)
+
+
+class _TokenGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, pieces: _Pieces, scale: float):
+        q_rows, k_blocks, v_blocks = pieces.to_rows(query), pieces.to_blocks(key), pieces.to_blocks(value)
+        n = (pieces.n_rows + 1) * pieces.group
+        row_max = torch.full((n,), float("-inf"), dtype=q_rows.dtype, device=q_rows.device)
+        for chunk in pieces.chunks():  # pass 1: each row's maximum over all its pieces
+            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            row_max.scatter_reduce_(0, pieces.row_index(chunk), scores.amax(-1).reshape(-1), reduce="amax")
+        row_max = row_max.nan_to_num_(neginf=0.0)  # rows with no visible key
+        row_sum = torch.zeros(n, dtype=q_rows.dtype, device=q_rows.device)
+        out = torch.zeros(n, pieces.dim, dtype=q_rows.dtype, device=q_rows.device)
+        for chunk in pieces.chunks():  # pass 2: exponentials, their sums and the weighted values
+            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            index = pieces.row_index(chunk)
+            probs = scores.sub_(row_max[index].view(scores.shape[:2] + (1,))).exp_()
+            row_sum.index_add_(0, index, probs.sum(-1).reshape(-1))
+            values = v_blocks.index_select(0, pieces.piece_block[chunk])
+            out.index_add_(0, index, torch.bmm(probs, values).reshape(-1, pieces.dim))
+        empty = row_sum == 0
+        out = out / row_sum.masked_fill(empty, 1.0)[:, None]
+        lse = (row_max + row_sum.log()).masked_fill_(empty, float("inf"))
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        return pieces.from_rows(out.view(pieces.n_rows + 1, pieces.group, pieces.dim)).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        pieces, scale = ctx.pieces, ctx.scale
+        q_rows, k_blocks, v_blocks = pieces.to_rows(query), pieces.to_blocks(key), pieces.to_blocks(value)
+        grad_rows = pieces.to_rows(grad_out.contiguous()).reshape(-1, pieces.dim)  # (rows + 1) * group, d
+        delta = (grad_rows * out).sum(-1)  # rowsum(dO * O)
+        grad_q = torch.zeros_like(grad_rows)
+        grad_k, grad_v = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for chunk in pieces.chunks():
+            queries, keys, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            index = pieces.row_index(chunk)
+            shape = scores.shape[:2] + (1,)
+            probs = scores.sub_(lse[index].view(shape)).exp_()
+            blocks = pieces.piece_block[chunk]
+            values = v_blocks.index_select(0, blocks)
+            grad_o = grad_rows.index_select(0, index).view(scores.shape[0], scores.shape[1], pieces.dim)
+            grad_v.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), grad_o))
+            grad_scores = torch.bmm(grad_o, values.transpose(1, 2)).sub_(delta[index].view(shape)).mul_(probs)
+            grad_q.index_add_(0, index, torch.bmm(grad_scores, keys).reshape(-1, pieces.dim))
+            grad_k.index_add_(0, blocks, torch.bmm(grad_scores.transpose(1, 2), queries))
+        grad_query = pieces.from_rows((grad_q * scale).view(pieces.n_rows + 1, pieces.group, pieces.dim))
+        return (
+            grad_query.to(query.dtype),
+            (pieces.from_blocks(grad_k) * scale).to(key.dtype),
+            pieces.from_blocks(grad_v).to(value.dtype),
+            None,
+            None,
+        )
+
+
+def token_gather_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: torch.Tensor,
+    *,
+    block_size: int,
+    key_valid: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+    scale: float,
+) -> torch.Tensor:
+    """Per-token routed attention: ``plan (b, hk, lq, k)``; same contract as `gather_attention`. No dropout."""
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    pieces = _Pieces(
+        query.shape, key.shape, plan, block_size, key_valid, causal, query_offset, query.device, compute_dtype
+    )
+    return _TokenGatherAttention.apply(query, key, value, pieces, scale)
