@@ -33,4 +33,4 @@ benchmarks: setup
 	cd benchmarks && ../$(BIN)/python bench_attention.py
 
 lint: setup
-	$(BIN)/ruff check modeling_dualroute tests benchmarks
+	$(BIN)/ruff check modeling_dualroute tests benchmarks metrics model_cards
