@@ -1,0 +1,119 @@
+"""benchmarks/bench_models.py: every model builds and runs tiny; summarize() and render() on a synthetic payload."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+
+
+TINY = dict(hidden=64, heads=2, intermediate=128, vocab=1000)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    benchmarks = str(REPO / "benchmarks")
+    sys.path.insert(0, benchmarks)  # the script imports its sibling `common`
+    try:
+        spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "bench_models.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(benchmarks)
+
+
+@pytest.mark.parametrize("name", ["dualroute", "bert", "longformer", "bigbird", "modernbert"])
+def test_builders_run_a_forward_at_a_tiny_size(bench, name):
+    model = bench.build_model(name, 512, 1, **TINY).eval()
+    ids = bench.make_input_ids(512, TINY["vocab"])
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    assert out.shape == (1, 512, TINY["hidden"])
+    assert torch.isfinite(out).all()
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == TINY["hidden"]
+    if name == "bigbird":
+        assert bench.attention_in_use(name, model) == "original_full"  # 512 <= 704: BigBird switched itself
+
+
+def test_model_settings(bench):
+    assert bench.build_model("bert", 512, 1, **TINY).config._attn_implementation == "sdpa"
+    assert bench.build_model("modernbert", 512, 1, **TINY).config.layer_types == ["sliding_attention"]
+    assert bench.modernbert_layer_types(6).count("full_attention") == 2
+    assert bench.build_model("longformer", 600, 1, **TINY).config.attention_window == [512]
+    dualroute = bench.build_model("dualroute", 512, 1, **TINY)
+    assert dualroute.config._attn_implementation == "dualroute"
+    assert dualroute.config.position_embedding_type == "rope"
+
+
+def test_step_forward_backward_runs(bench):
+    run, model = bench.step("dualroute", "forward_backward", 256, 1, **TINY)
+    run()
+    assert all(p.grad is None for p in model.parameters())  # zeroed after each step
+
+
+def test_guards(bench):
+    assert bench.predict_seconds([], 4096) is None
+    assert bench.predict_seconds([(1024, 1.0)], 2048) == pytest.approx(4.0)  # quadratic with one point
+    assert bench.predict_seconds([(1024, 1.0), (2048, 2.0)], 4096) == pytest.approx(4.0)  # measured: linear
+    assert bench.estimate_memory_gb("longformer", "forward_backward", 32768, 6) > 20
+    assert bench.estimate_memory_gb("dualroute", "forward", 1024, 1) < 1
+
+
+def synthetic_rows():
+    times = {"dualroute": 1.0, "bert": 8.0, "longformer": 4.0, "bigbird": 3.5, "modernbert": 9.0}
+    rows = []
+    for layers in (1, 6):
+        for n in (4096, 8192, 16384, 32768):
+            for mode in ("forward", "forward_backward"):
+                for name, base in times.items():
+                    growth = (n / 4096) ** (1.0 if name != "bert" else 2.0)
+                    row = dict(model=name, layers=layers, n=n, mode=mode)
+                    if name == "longformer" and n == 32768 and layers == 6:
+                        row["skipped"] = "estimated peak memory 40.0 GB > --max-memory-gb 20"
+                    else:
+                        seconds = base * growth * layers * (3 if mode == "forward_backward" else 1) / 10
+                        row.update(median_s=seconds, runs_s=[seconds], peak_extra_mb=100.0 * growth * base)
+                    rows.append(row)
+    return rows
+
+
+def test_summarize_and_render(bench):
+    rows = synthetic_rows()
+    summary = bench.summarize(rows)
+    targets = summary["targets"]
+    first = targets["forward_1layer_16k_vs_fastest_peer"]
+    assert first["fastest_peer"] == "bigbird" and first["value"] == pytest.approx(3.5) and first["met"]
+    training = targets["training_8k_vs_bert"]
+    assert training["layers"] == 6
+    assert training["value"] == pytest.approx(8 * 2 / 1)  # bert grows quadratically from 4k
+    assert training["memory_ratio"] == pytest.approx(1 / 16) and training["met"]
+    growth = targets["forward_growth_per_doubling_1layer"]
+    assert growth["value"] == pytest.approx(2.0) and growth["met"] and growth["lengths"] == [4096, 8192, 16384, 32768]
+    assert next(r for r in rows if r["model"] == "bert" and r["n"] == 4096)["dualroute_speedup"] == pytest.approx(8)
+
+    payload = {
+        "config": {"hidden": 512, "heads": 8, "intermediate": 2048, "dtype": "float32"},
+        "rows": rows,
+        **summary,
+    }
+    text = bench.render(payload)
+    assert "| N | DualRoute | BERT (SDPA) |" in text
+    assert "(8.0×)" in text and "skipped" in text and "estimated peak memory" in text
+    assert "training_8k_vs_bert (6 layers)" in text
+
+
+def test_summarize_without_the_target_lengths(bench):
+    rows = [dict(model=name, layers=1, n=1024, mode="forward", median_s=1.0, runs_s=[1.0]) for name in bench.MODELS]
+    targets = bench.summarize(rows)["targets"]
+    assert targets["forward_1layer_16k_vs_fastest_peer"]["met"] is None
+    assert targets["training_8k_vs_bert"]["met"] is None
+    assert "| target |" in bench.render(
+        {
+            "config": {"hidden": 64, "heads": 2, "intermediate": 128, "dtype": "float32"},
+            "rows": rows,
+            **bench.summarize(rows),
+        }
+    )
