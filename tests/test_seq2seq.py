@@ -300,7 +300,7 @@ def test_seq2seq_trainer_with_predict_with_generate(tmp_path):
         tiny_seq2seq_config(hidden_size=64, num_attention_heads=4, intermediate_size=128, route_topk=3, eos_token_id=3)
     )
     model.generation_config.max_new_tokens = 6
-    train, evaluation = copy_task(512, 0, tokenizer), copy_task(48, 1, tokenizer)
+    train, evaluation = copy_task(384, 0, tokenizer), copy_task(32, 1, tokenizer)
 
     def exact_match(prediction):
         predictions, labels = prediction
