@@ -46,6 +46,9 @@ def check_flex_available(device: torch.device, *, requires_grad: bool, raise_err
     return reason is None
 
 
+FLEX_RECOMPILE_LIMIT = 64  # distinct (shape, dtype, GQA) signatures compiled before `flex` raises
+
+
 def _compiled_flex_attention():
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
@@ -100,8 +103,13 @@ def flex_attention_from_plan(
     )
     if not torch.is_grad_enabled():  # torch's CPU check looks at requires_grad even under no_grad
         query, key, value = query.detach(), key.detach(), value.detach()
-    output = _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
-    return output
+    # The kernel is compiled per shape (dynamic=False). Past dynamo's default of 8 recompiles torch would silently run
+    # the eager FlexAttention, which materialises O(N^2) scores; allow more shapes and fail loudly past them instead.
+    with torch._dynamo.config.patch(
+        recompile_limit=max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT),
+        fail_on_recompile_limit_hit=True,
+    ):
+        return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=group > 1)
 
 
 def _split_blocks(kv_blocks: torch.Tensor, parts: int, n_tiles: int) -> torch.Tensor:
