@@ -1,7 +1,8 @@
 """Fill the DualRoute model card template for a checkpoint folder: ``python model_cards/fill_card.py FOLDER``.
 
 Uses `huggingface_hub.ModelCard` / `ModelCardData` (offline); the routing settings come from the checkpoint's
-config.json, results from a markdown file or string.
+config.json, results from a markdown file or string; by default the project's measured quality results, as rendered
+in its README from ``benchmarks/results/*.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 TEMPLATE = Path(__file__).resolve().parent / "template.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
+# README results blocks that describe model quality, in card order (speed tables depend on the machine, not the model)
+CARD_RESULTS = {
+    "fidelity_minilm": "Fidelity of converted all-MiniLM-L6-v2 (no training)",
+    "finetune": "Fine-tuning the converted MiniLM at a 25% key budget",
+    "retrieval": "Long-range retrieval: routing vs a fixed window",
+    "headlines": "Headline generation (BERT2BERT warm start)",
+}
 TASKS = {
     "DualRouteForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
     "DualRouteForConditionalGeneration": ("text2text-generation", "AutoModelForSeq2SeqLM"),
@@ -24,6 +33,21 @@ USAGE = {
     "text2text-generation": 'inputs = tokenizer("a long document ...", return_tensors="pt")\nprint(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0], skip_special_tokens=True))',
     "feature-extraction": 'hidden = model(**tokenizer("a long document ...", return_tensors="pt")).last_hidden_state',
 }
+
+
+def project_results(readme: Path = README) -> str | None:
+    """The measured quality results of this project (README blocks rendered from ``benchmarks/results``)."""
+    import re
+
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    sections = []
+    for name, title in CARD_RESULTS.items():
+        match = re.search(rf"<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->", text, re.S)
+        if match and match.group(1).strip():
+            sections.append(f"### {title}\n\n{match.group(1).strip()}")
+    return "\n\n".join(sections) or None
 
 
 def fill_model_card(
@@ -37,8 +61,10 @@ def fill_model_card(
     language: str | list[str] | None = "en",
     license: str = "apache-2.0",
 ) -> ModelCard:
-    """Builds the card for the checkpoint in ``folder`` and writes it to ``folder/README.md``."""
+    """Builds the card for the checkpoint in ``folder`` and writes it to ``folder/README.md``. Without ``results`` the
+    card carries the project's measured quality results (`project_results`)."""
     folder = Path(folder)
+    results = project_results() if results is None else results
     config = json.loads((folder / "config.json").read_text())
     architecture = (config.get("architectures") or ["DualRouteModel"])[0]
     pipeline_tag, auto_class = TASKS.get(architecture, TASKS["DualRouteModel"])
@@ -83,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("folder")
     parser.add_argument("--model-id")
     parser.add_argument("--description", default="")
-    parser.add_argument("--results", help="markdown file with the results table")
+    parser.add_argument("--results", help="markdown file with the results table (default: the project's results)")
     parser.add_argument("--base-model")
     parser.add_argument("--dataset", action="append")
     args = parser.parse_args(argv)

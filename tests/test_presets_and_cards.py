@@ -65,3 +65,14 @@ def test_model_card_is_filled_from_the_checkpoint(tmp_path):
     assert "routed / dense layers | 1 / 1" in text
     assert 'AutoModelForSequenceClassification.from_pretrained("you/tiny-dualroute", trust_remote_code=True)' in text
     assert "| toy | 1.0 |" in text
+
+
+def test_model_card_carries_the_project_results_by_default(tmp_path):
+    model = DualRouteForSequenceClassification(tiny_config(num_labels=2))
+    model.save_pretrained(tmp_path)
+    text = str(load_fill_card().fill_model_card(tmp_path))
+    readme = (REPO / "README.md").read_text()
+    # the fidelity table is committed: the card repeats the README's rendered block verbatim
+    block = readme.split("<!-- results:fidelity_minilm -->\n")[1].split("<!-- /results:fidelity_minilm -->")[0].strip()
+    assert "### Fidelity of converted all-MiniLM-L6-v2" in text and block in text
+    assert "No results recorded yet." not in text
