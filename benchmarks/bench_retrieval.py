@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import random
 import sys
 import time
+from pathlib import Path
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -533,6 +535,14 @@ def train(model, task: RetrievalTask, settings: dict, progress=None) -> dict:
     }
 
 
+@functools.cache
+def accuracy_metric():
+    """The project's local `evaluate` accuracy module, loaded by path as users load any metric (works offline)."""
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).resolve().parents[1] / "metrics" / "accuracy"), keep_in_memory=True)
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, block_size: int | None = None) -> dict:
     """Predictions and accuracy; with ``block_size`` (DualRoute models) also ``routed_to_code``: per example and
@@ -551,7 +561,7 @@ def evaluate(model, examples: list[dict], batch_size: int, block_size: int | Non
     seconds = time.perf_counter() - started
     labels = [e["label"] for e in examples]
     result = {
-        "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(examples),
+        "accuracy": accuracy_metric().compute(predictions=predictions, references=labels)["accuracy"],
         "predictions": predictions,
         "seconds_per_example": seconds / len(examples),
     }
