@@ -70,7 +70,14 @@ import torch  # noqa: E402
 from modeling_dualroute import assets  # noqa: E402
 from modeling_dualroute.conversion import convert  # noqa: E402
 
-from common import machine, markdown_table, measure_in_fresh_process, peak_extra_memory_mb, write_json  # noqa: E402
+from common import (  # noqa: E402
+    call_with_threads,
+    machine,
+    markdown_table,
+    peak_extra_memory_mb,
+    run_training,
+    write_json,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,17 +270,6 @@ def reinit_head(model, seed: int) -> None:
 
 
 def train_classifier(spec: dict) -> dict:
-    """One run; ``spec["threads"]`` (if set) sets torch's threads for it, restored afterwards (in-process runs)."""
-    threads = torch.get_num_threads()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    try:
-        return _train_classifier(spec)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_classifier(spec: dict) -> dict:
     """Fine-tunes ``spec["model_dir"]`` with the stock Trainer on the prepared data and evaluates it."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -360,12 +356,6 @@ def _train_classifier(spec: dict) -> dict:
     }
 
 
-def run(spec: dict, in_process: bool) -> dict:
-    if in_process:
-        return train_classifier(spec)
-    return measure_in_fresh_process(__file__, ["--worker", json.dumps(spec)], timeout=RUN_TIMEOUT_S)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------------------------------
@@ -445,7 +435,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker:  # one run in a fresh process: print its result as the last line of stdout
-        print(json.dumps(train_classifier(json.loads(args.worker))))
+        print(json.dumps(call_with_threads(train_classifier, json.loads(args.worker))))
         return 0
 
     variants = args.variants or VARIANTS
@@ -538,7 +528,9 @@ def main(argv=None):
                         "threads": args.threads,
                         "output_dir": str(workdir / f"run-{task}-{variant}-{seed}"),
                     }
-                    result = run(spec, args.in_process)
+                    result = run_training(
+                        __file__, train_classifier, spec, in_process=args.in_process, timeout=RUN_TIMEOUT_S
+                    )
                     entry = {"task": task, "variant": variant, "seed": seed, "key_share": share}
                     entry.update(dense_last_layers=dense_last if implementation != "sdpa" else None, **result)
                     runs.append(entry)

@@ -61,7 +61,14 @@ from bench_finetune import REPO, key_share  # noqa: E402
 from modeling_dualroute import assets  # noqa: E402
 from modeling_dualroute.conversion import convert  # noqa: E402
 
-from common import machine, markdown_table, measure_in_fresh_process, peak_extra_memory_mb, write_json  # noqa: E402
+from common import (  # noqa: E402
+    call_with_threads,
+    machine,
+    markdown_table,
+    peak_extra_memory_mb,
+    run_training,
+    write_json,
+)
 
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -172,17 +179,6 @@ def score(rouge, predictions: list[str], references: list[str]) -> dict:
 
 
 def train_headlines(spec: dict) -> dict:
-    """One run; ``spec["threads"]`` (if set) sets torch's threads for it, restored afterwards (in-process runs)."""
-    threads = torch.get_num_threads()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    try:
-        return _train_headlines(spec)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_headlines(spec: dict) -> dict:
     """Fine-tunes the warm start in ``spec["model_dir"]`` with the stock Seq2SeqTrainer; generates the eval titles."""
     from transformers import (
         AutoModelForSeq2SeqLM,
@@ -270,12 +266,6 @@ def _train_headlines(spec: dict) -> dict:
         "device": str(trainer.args.device),
         "threads": torch.get_num_threads(),
     }
-
-
-def run(spec: dict, in_process: bool) -> dict:
-    if in_process:
-        return train_headlines(spec)
-    return measure_in_fresh_process(__file__, ["--worker", json.dumps(spec)], timeout=RUN_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,7 +360,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker:  # one run in a fresh process: its result is the last line of stdout
-        print(json.dumps(train_headlines(json.loads(args.worker))))
+        print(json.dumps(call_with_threads(train_headlines, json.loads(args.worker))))
         return 0
 
     options = dict(CONFIG, **(QUICK if args.quick else {}))
@@ -453,7 +443,9 @@ def main(argv=None):
                     **{name: options[name] for name in ("epochs", "learning_rate", "batch_size")},
                     **{name: options[name] for name in ("num_beams", "max_new_tokens", "no_repeat_ngram_size")},
                 }
-                result = run(spec, args.in_process)
+                result = run_training(
+                    __file__, train_headlines, spec, in_process=args.in_process, timeout=RUN_TIMEOUT_S
+                )
                 runs.append({"variant": variant, "seed": seed, **result})
                 print(
                     f"  {variant:>9} seed {seed}: ROUGE-1/2/L {100 * result['rouge1']:.1f} / "

@@ -98,6 +98,25 @@ def measure_in_fresh_process(script: str, args: list[str], timeout: float = 3600
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def call_with_threads(fn, spec: dict) -> dict:
+    """``fn(spec)`` with torch's threads set to ``spec["threads"]`` (if set), restored afterwards."""
+    threads = torch.get_num_threads()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        return fn(spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_training(script: str, fn, spec: dict, *, in_process: bool, timeout: float) -> dict:
+    """One training run ``fn(spec)``: in this process, or (for clean memory figures) in a fresh ``script --worker
+    SPEC`` whose result is the last line of its stdout."""
+    if in_process:
+        return call_with_threads(fn, spec)
+    return measure_in_fresh_process(script, ["--worker", json.dumps(spec)], timeout=timeout)
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
