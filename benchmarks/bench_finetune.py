@@ -76,6 +76,7 @@ from common import (  # noqa: E402
     markdown_table,
     peak_extra_memory_mb,
     run_training,
+    training_arguments,
     write_json,
 )
 
@@ -300,24 +301,7 @@ def train_classifier(spec: dict) -> dict:
         }
 
     args = TrainingArguments(
-        output_dir=spec["output_dir"],
-        per_device_train_batch_size=spec["batch_size"],
-        per_device_eval_batch_size=2 * spec["batch_size"],
-        learning_rate=spec["learning_rate"],
-        num_train_epochs=spec["epochs"],
-        max_steps=spec.get("max_steps") or -1,
-        weight_decay=WEIGHT_DECAY,
-        warmup_steps=WARMUP,
-        lr_scheduler_type="linear",
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=10,
-        report_to=[],
-        seed=spec["seed"],
-        data_seed=spec["seed"],
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=True,
+        **training_arguments(spec, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP),
     )
     trainer = Trainer(
         model=model,

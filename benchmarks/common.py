@@ -109,6 +109,31 @@ def call_with_threads(fn, spec: dict) -> dict:
         torch.set_num_threads(threads)
 
 
+def training_arguments(spec: dict, *, weight_decay: float, warmup_steps: float) -> dict:
+    """The `TrainingArguments` fields every benchmark run shares: ``spec``'s batch size, learning rate, epochs and
+    seed; linear schedule; no evaluation, checkpoints, reporting or progress bars during the timed training."""
+    return dict(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["batch_size"],
+        per_device_eval_batch_size=2 * spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        num_train_epochs=spec["epochs"],
+        max_steps=spec.get("max_steps") or -1,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="linear",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10,
+        report_to=[],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+
+
 def run_training(script: str, fn, spec: dict, *, in_process: bool, timeout: float) -> dict:
     """One training run ``fn(spec)``: in this process, or (for clean memory figures) in a fresh ``script --worker
     SPEC`` whose result is the last line of its stdout."""
