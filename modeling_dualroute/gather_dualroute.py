@@ -286,7 +286,8 @@ class _GatherAttention(torch.autograd.Function):
         k = layout.to_blocks(key)
         v = layout.to_blocks(value)
         grad_o = layout.to_tiles(grad_out.contiguous())
-        delta = (grad_o * out).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward's correction
+        # Gradients are written into three N x d buffers and returned as views of them, scaled in place: peak memory
+        # stays at what dense SDPA's backward needs (its three gradients) plus one chunk's workspace.
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
@@ -303,14 +304,15 @@ class _GatherAttention(torch.autograd.Function):
                 grad_probs.mul_(keep)
             else:
                 grad_values = torch.bmm(probs.transpose(1, 2), grad_o[chunk])
-            grad_scores = grad_probs.sub_(delta[chunk]).mul_(probs)  # d(loss)/d(scaled scores)
+            delta = (grad_o[chunk] * out[chunk]).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
+            grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(scale)  # d(loss)/d(raw scores q.k)
             torch.bmm(grad_scores, keys, out=grad_q[chunk])
             grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])
             flat = layout.flat_blocks[chunk].reshape(-1)
             grad_k.index_add_(0, flat, grad_keys.view(-1, layout.block_size, layout.dim))
             grad_v.index_add_(0, flat, grad_values.view(-1, layout.block_size, layout.dim))
-        grad_query = (layout.from_tiles(grad_q) * scale).to(query.dtype)
-        grad_key = (layout.from_blocks(grad_k) * scale).to(key.dtype)
+        grad_query = layout.from_tiles(grad_q).to(query.dtype)
+        grad_key = layout.from_blocks(grad_k).to(key.dtype)
         grad_value = layout.from_blocks(grad_v).to(value.dtype)
         return grad_query, grad_key, grad_value, None, None, None, None
 

@@ -192,12 +192,13 @@ class _TokenGatherAttention(torch.autograd.Function):
             grad_o = grad_rows.index_select(0, index).view(scores.shape[0], scores.shape[1], pieces.dim)
             grad_v.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), grad_o))
             grad_scores = torch.bmm(grad_o, values.transpose(1, 2)).sub_(delta[index].view(shape)).mul_(probs)
+            grad_scores.mul_(scale)  # d(loss)/d(raw scores q.k): the gradients need no scaling afterwards
             grad_q.index_add_(0, index, torch.bmm(grad_scores, keys).reshape(-1, pieces.dim))
             grad_k.index_add_(0, blocks, torch.bmm(grad_scores.transpose(1, 2), queries))
-        grad_query = pieces.from_rows((grad_q * scale).view(pieces.n_rows + 1, pieces.group, pieces.dim))
+        grad_query = pieces.from_rows(grad_q.view(pieces.n_rows + 1, pieces.group, pieces.dim))
         return (
             grad_query.to(query.dtype),
-            (pieces.from_blocks(grad_k) * scale).to(key.dtype),
+            pieces.from_blocks(grad_k).to(key.dtype),
             pieces.from_blocks(grad_v).to(value.dtype),
             None,
             None,
