@@ -9,7 +9,8 @@ meet one contract: the output equals dense softmax attention under the mask
 |-------------|----------------------------------------------------------------------|-------------------------------|
 | `reference` | builds the dense mask M and runs a plain softmax; O(N^2)             | the oracle; attention weights |
 | `gather`    | gathers the selected key blocks, chunked: per query tile (per-block   | CPU training and inference    |
-|             | routing, decoding, dropout) or per key block (per-token routing)     |                               |
+|             | routing, dropout) or per key block (per-token routing); a single     |                               |
+|             | decoding query indexes its selected tokens directly                  |                               |
 | `flex`      | FlexAttention with a BlockMask built from the plan (see file)       | GPU; CPU inference            |
 | `auto`      | the fastest exact choice for the call's shapes and options           | default                       |
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .decode_dualroute import decode_attention
 from .flex_dualroute import check_flex_available, flex_attention_from_plan
 from .gather_dualroute import gather_attention, tile_plan_from_routes
 from .routing_dualroute import _route_checked, check_routing_inputs, num_blocks, routes_per_token
@@ -300,7 +302,9 @@ def routed_attention_with_plan(
             scale=scale,
             dropout=dropout,
         )
-    elif chosen == "gather" and per_token and q_len > 1 and not dropout:
+    elif chosen == "gather" and per_token and q_len == 1 and not dropout:
+        output = decode_attention(query, key, value, plan, scale=scale, **geometry)
+    elif chosen == "gather" and per_token and not dropout:
         output = token_gather_attention(query, key, value, plan, scale=scale, **geometry)
     elif chosen == "gather":
         tiles = tile_plan_from_routes(plan, per_token=per_token, block_size=block_size, n_key_blocks=n_key_blocks)

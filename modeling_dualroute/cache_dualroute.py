@@ -12,6 +12,12 @@ alike). Besides keys and values it keeps, per key block, the float32 sum of the 
 
 Beam search reordering, cropping (assisted decoding) and batch selection/repetition (contrastive search) apply to the
 descriptors exactly as to the keys, so they always equal descriptors recomputed from the cached keys.
+
+Cross-attention keys are written once (``write_once=True``) and are the same for every beam of an input: beam search
+expands the encoder output per beam. transformers reorders every cache layer at every step, which for cross-attention
+copies all encoder keys and values (at 16k tokens and 4 beams, 270 MB per layer per step) to put identical rows where
+identical rows already are. A write-once layer finds, once, which of its rows are identical, and skips a reorder that
+only swaps identical rows; any other reorder is carried out in full. This serves dense and routed attention alike.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class DualRouteCacheLayer(DynamicLayer):
         self.block_sums: torch.Tensor | None = None  # (batch, kv_heads, blocks, head_dim) float32
         self.block_counts: torch.Tensor | None = None  # (batch, blocks) visible keys per block
         self.key_mask: torch.Tensor | None = None  # (batch, seq) bool; None while every cached key is visible
+        self.write_once = False  # cross-attention: the encoder's keys, written at the first step, never appended to
+        self.row_classes: torch.Tensor | None = None  # write-once layer: lowest index of the row each row equals
 
     # -- writing -------------------------------------------------------------------------------------------------------
 
@@ -45,14 +53,17 @@ class DualRouteCacheLayer(DynamicLayer):
         *args,
         block_size: int | None = None,
         key_mask: torch.Tensor | None = None,
+        write_once: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends keys/values (and their padding mask, ``True`` = real); refreshes the blocks they touched.
 
         Without ``block_size`` (dense attention) the layer behaves like a plain `DynamicLayer`; descriptors are then
-        computed on demand by `key_descriptors`.
+        computed on demand by `key_descriptors`. ``write_once``: these are all the keys the layer will ever hold
+        (cross-attention), which lets beam search skip reorders that change nothing.
         """
         old_length = self.get_seq_length()
+        self.write_once, self.row_classes = write_once and old_length == 0, None
         keys, values = super().update(key_states, value_states)
         self._append_mask(key_mask, old_length, key_states.shape[-2], key_states.shape[0])
         if block_size is not None:
@@ -103,23 +114,50 @@ class DualRouteCacheLayer(DynamicLayer):
         if self.key_mask is not None:
             self.key_mask = operation(self.key_mask)
 
+    def _identical_rows(self) -> torch.Tensor:
+        """``(batch,)``: for each row the lowest index of a row with equal keys, values and mask (computed once)."""
+        if self.row_classes is None:
+            rows = self.keys.shape[0]
+            classes = list(range(rows))
+            for row in range(rows):
+                for earlier in range(row):
+                    if classes[earlier] == earlier and self._rows_equal(row, earlier):
+                        classes[row] = earlier
+                        break
+            self.row_classes = torch.tensor(classes)
+        return self.row_classes
+
+    def _rows_equal(self, a: int, b: int) -> bool:
+        tensors = [self.keys, self.values] + ([self.key_mask] if self.key_mask is not None else [])
+        return all(torch.equal(t[a], t[b]) for t in tensors)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() == 0:
+            return super().reorder_cache(beam_idx)
+        if self.write_once:
+            classes = self._identical_rows()
+            reordered_classes = classes[beam_idx.cpu()]
+            if torch.equal(reordered_classes, classes):  # every row is replaced by a row equal to it: nothing moves
+                return
+            self.row_classes = reordered_classes
         super().reorder_cache(beam_idx)
-        if self.get_seq_length() > 0:
-            self._apply_to_descriptors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._apply_to_descriptors(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        self.row_classes = None
         if self.get_seq_length() > 0:
             self._apply_to_descriptors(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self.row_classes = None
         if self.get_seq_length() > 0:
             self._apply_to_descriptors(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
+        self.row_classes = None
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         length = self.get_seq_length()

@@ -254,7 +254,7 @@ class DualRouteAttention(nn.Module):
                 value = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)
                 if cross_cache is not None:
                     key, value = cross_cache.update(
-                        key, value, self.layer_idx, block_size=block_size, key_mask=key_mask
+                        key, value, self.layer_idx, block_size=block_size, key_mask=key_mask, write_once=True
                     )
                     cache.is_updated[self.layer_idx] = True
                     layer_cache = cross_cache.layers[self.layer_idx]

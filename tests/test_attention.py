@@ -3,6 +3,7 @@
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 from modeling_dualroute import route_blocks, routed_attention
 from modeling_dualroute.attention_dualroute import choose_backend, routed_attention_with_plan
@@ -147,6 +148,39 @@ def test_per_token_tile_kernel_matches_reference(kind, tile_size):
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     actual = (out, *torch.autograd.grad((out * weights).sum(), (query, key, value)))
     assert_close_all(actual, output_and_grads(query, key, value, options, "reference"), atol=2e-5)
+
+
+@given(routing_problems(), st.booleans())
+def test_single_query_decoding_matches_reference(p, strided_cache):
+    """One query per sequence (a decoding step) takes the direct token-gather kernel; keys from a cache are contiguous,
+    keys straight from a projection are strided views: both layouts, forward and backward."""
+    p = {**p, "kind": "cross" if p["kind"] == "bidirectional" else p["kind"], "q_len": 1}
+    p["top_k"] = max(p["top_k"], p["global_blocks"] + (p["kind"] != "cross"))
+    query, key, value, options = make_inputs(p)
+    if strided_cache:  # (b, lk, h, d) memory seen as (b, h, lk, d), like k_proj(x).view(...).transpose(1, 2)
+        key, value = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (key, value))
+        assert not key.is_contiguous() or key.shape[1] == 1 or key.shape[2] == 1
+    for t in (query, key, value):
+        t.requires_grad_(True)
+    _, info = routed_attention_with_plan(query, key, value, backend="gather", need_plan=False, **options)
+    assert info["backend"] == "gather"
+    assert_close_all(
+        output_and_grads(query, key, value, options, "gather"),
+        output_and_grads(query, key, value, options, "reference"),
+        atol=2e-5,
+    )
+
+
+def test_single_query_decoding_reads_only_the_selected_blocks(monkeypatch):
+    """A decoding step over 4k keys never touches a whole-sequence copy of the keys: the gathered rows are k * B."""
+    import modeling_dualroute.decode_dualroute as decode
+
+    seen = []
+    original = decode._select_tokens
+    monkeypatch.setattr(decode, "_select_tokens", lambda x, token: seen.append(token.shape) or original(x, token))
+    query, key, value = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 4000, 8), torch.randn(2, 2, 4000, 8)
+    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
+    assert seen == [torch.Size([2, 2, 3 * 64])] * 2
 
 
 @pytest.mark.parametrize("causal", [False, True])

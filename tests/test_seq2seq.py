@@ -132,6 +132,42 @@ def test_descriptors_follow_beam_reordering_crop_and_batch_selection():
     assert cache.self_attention_cache.layers[0].keys.shape[2] == length - 5
 
 
+def test_beam_search_does_not_copy_the_encoder_keys_it_would_only_swap(monkeypatch):
+    """Cross-attention keys are the same for every beam of an input; reordering beams leaves them where they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    copied = []
+    original = DynamicLayer.reorder_cache
+    monkeypatch.setattr(
+        DynamicLayer,
+        "reorder_cache",
+        lambda layer, beam_idx: copied.append(layer.write_once) or original(layer, beam_idx),
+    )
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    model.generate(input_ids, attention_mask=attention_mask, num_beams=3, max_new_tokens=6, min_new_tokens=6)
+    assert copied and not any(copied)  # only self-attention caches were reordered
+
+
+def test_write_once_layer_skips_only_reorders_between_identical_rows():
+    layer = DualRouteCacheLayer()
+    keys = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)  # rows 0 = 1 and 2 = 3, like 2 inputs x 2 beams
+    values = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)
+    layer.update(keys, values, block_size=4, write_once=True)
+    stored = layer.keys
+    layer.reorder_cache(torch.tensor([1, 0, 3, 2]))
+    assert layer.keys is stored  # nothing moved
+    layer.reorder_cache(torch.tensor([2, 2, 0, 1]))  # rows really change: carried out in full
+    assert torch.equal(layer.keys, keys[[2, 2, 0, 1]]) and torch.equal(layer.values, values[[2, 2, 0, 1]])
+    assert_descriptors_match_keys(layer)
+    stored = layer.keys
+    layer.reorder_cache(torch.tensor([1, 0, 3, 2]))  # identical rows after the move: skipped again
+    assert layer.keys is stored
+    layer.reorder_cache(torch.tensor([0, 0, 0, 3]))
+    assert torch.equal(layer.keys, keys[[2, 2, 2, 1]])
+    assert_descriptors_match_keys(layer)
+
+
 def test_a_broken_reorder_is_caught():
     """The descriptor check above can fail: descriptors not reordered with the keys no longer match them."""
     model = make_model()
@@ -150,10 +186,10 @@ def test_decoding_reads_only_the_selected_blocks(monkeypatch):
     )
     input_ids = torch.randint(4, 99, (1, 800))
     calls = []
-    original = attention_module.gather_attention
+    original = attention_module.decode_attention
 
     def spy(query, key, value, plan, **kwargs):
-        calls.append((query.shape[2], key.shape[2], plan.kv_blocks.shape[-1], plan.tile_size))
+        calls.append((query.shape[2], key.shape[2], plan.shape[-1]))
         return original(query, key, value, plan, **kwargs)
 
     original_dense = attention_module.dense_attention
@@ -163,7 +199,7 @@ def test_decoding_reads_only_the_selected_blocks(monkeypatch):
             raise AssertionError(f"dense attention over {key.shape[2]} keys during decoding")
         return original_dense(query, key, value, mask, **kwargs)
 
-    monkeypatch.setattr(attention_module, "gather_attention", spy)
+    monkeypatch.setattr(attention_module, "decode_attention", spy)
     monkeypatch.setattr(attention_module, "AUTO_DENSE_MAX_KEYS", 32)  # route the decoder's self-attention early
     model.generate(input_ids, max_new_tokens=3, min_new_tokens=3)  # warm-up
     calls.clear()
@@ -174,7 +210,7 @@ def test_decoding_reads_only_the_selected_blocks(monkeypatch):
     self_attention = [c for c in decode_calls if c[1] != 800]
     assert len(cross) == 2 * 80  # 2 layers, every step
     assert len(self_attention) == 2 * (80 - 48)  # from the step where the keys outgrow the 3 blocks
-    assert all(slots <= 3 and tile == 1 for _, _, slots, tile in cross + self_attention)
+    assert all(slots == 3 for _, _, slots in cross + self_attention)
     assert out.sequences.shape[1] == 81
 
 

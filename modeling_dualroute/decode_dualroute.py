@@ -1,0 +1,81 @@
+# Copyright 2026 The DualRoute Authors. Licensed under the Apache License, Version 2.0.
+"""Level 2, `gather` backend for one query per sequence (cached decoding): gather the selected tokens, one softmax.
+
+A decoding step has ``q_len == 1``: each (batch, key/value head) routes one query to ``top_k`` key blocks, so level 2
+is a single attention row over ``top_k * block_size`` keys. The tile and piece kernels (`gather_dualroute.py`,
+`token_gather_dualroute.py`) are built for thousands of queries; for one query their set-up (tile tables, padding the
+keys to whole blocks, chunk loops) costs more than the attention itself, and padding a ragged key length copies every
+cached key at every step. Here the selected tokens are indexed straight out of the (possibly strided) cache, so a step
+reads ``top_k * block_size`` keys and values per head and nothing else. Plain differentiable ops: autograd gives the
+backward. `reference` in `attention_dualroute.py` is the slow twin this is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: torch.Tensor,
+    *,
+    block_size: int,
+    key_valid: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of a single query per sequence over its routed key blocks.
+
+    Args:
+        query: ``(b, hq, 1, d)``.
+        key, value: ``(b, hk, lk, d)``, any strides.
+        plan: ``(b, hk, 1, top_k)`` per-token routing plan, ``-1`` for an empty slot.
+        key_valid: ``(b, lk)`` bool, ``True`` = real key; ``None``: all real.
+        causal: the query sits at key position ``query_offset`` and sees keys at or before it.
+
+    Returns:
+        ``(b, hq, 1, d)``; zeros where no selected key is visible.
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)  # half inputs are computed in float32
+
+    selected = plan[:, :, 0]  # b hk k
+    offsets = torch.arange(block_size, device=query.device)
+    token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
+    visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
+    if causal:
+        visible &= token <= query_offset
+    token = token.clamp(max=k_len - 1)  # the ragged last block's tail and empty slots read a real key, masked below
+    if key_valid is not None:
+        visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
+
+    keys = _select_tokens(key, token).to(compute_dtype)  # b hk k*B d
+    values = _select_tokens(value, token).to(compute_dtype)
+
+    q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype)  # the group's heads share the routing
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # b hk g k*B
+    # A finite fill keeps a row without visible keys finite (uniform, then zeroed), in the forward and the backward.
+    scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(compute_dtype).min)
+    probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
+    output = torch.matmul(probs, values)  # b hk g d
+    return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
+
+
+def _select_tokens(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, token[b, h, j]]`` as ``(b, h, j, d)``. A cache's keys are contiguous: one row `index_select` over the
+    flattened keys (4x faster on CPU than advanced indexing); other layouts are indexed in place rather than copied."""
+    batch, heads, length, dim = x.shape
+    if x.is_contiguous():
+        rows = token + length * torch.arange(batch * heads, device=x.device).view(batch, heads, 1)
+        return x.view(-1, dim).index_select(0, rows.view(-1)).view(*token.shape, dim)
+    batch_index = torch.arange(batch, device=x.device)[:, None, None]
+    head_index = torch.arange(heads, device=x.device)[None, :, None]
+    return x[batch_index, head_index, token]
+
+
+__all__ = ["decode_attention"]
