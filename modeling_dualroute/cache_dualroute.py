@@ -40,6 +40,10 @@ class DualRouteCacheLayer(DynamicLayer):
         self.block_size: int | None = None
         self.block_sums: torch.Tensor | None = None  # (batch, kv_heads, blocks, head_dim) float32
         self.block_counts: torch.Tensor | None = None  # (batch, blocks) visible keys per block
+        self._means: tuple = (
+            None,
+            None,
+        )  # (the block_sums they were computed from, means): cross-attention reuses them
         self.key_mask: torch.Tensor | None = None  # (batch, seq) bool; None while every cached key is visible
         self.write_once = False  # cross-attention: the encoder's keys, written at the first step, never appended to
         self.row_classes: torch.Tensor | None = None  # write-once layer: lowest index of the row each row equals
@@ -100,7 +104,10 @@ class DualRouteCacheLayer(DynamicLayer):
         stale = self.block_size != block_size or self.block_sums is None
         if stale or self.block_sums.shape[2] != num_blocks(self.get_seq_length(), block_size):
             self._refresh(block_size, first_changed=0)
-        means = self.block_sums / self.block_counts.clamp(min=1)[:, None, :, None].to(self.block_sums.dtype)
+        cached_for, means = self._means
+        if cached_for is not self.block_sums:  # sums are replaced, never changed in place: identity means unchanged
+            means = self.block_sums / self.block_counts.clamp(min=1)[:, None, :, None].to(self.block_sums.dtype)
+            self._means = (self.block_sums, means)
         return means, self.block_counts
 
     def key_padding_mask(self) -> torch.Tensor | None:

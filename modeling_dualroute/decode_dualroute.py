@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .routing_dualroute import num_blocks
+
 
 def decode_attention(
     query: torch.Tensor,
@@ -45,37 +47,55 @@ def decode_attention(
     compute_dtype = torch.promote_types(query.dtype, torch.float32)  # half inputs are computed in float32
 
     selected = plan[:, :, 0]  # b hk k
+    top_k = selected.shape[-1]
     offsets = torch.arange(block_size, device=query.device)
-    token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
-    visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
-    if causal:
-        visible &= token <= query_offset
-    token = token.clamp(max=k_len - 1)  # the ragged last block's tail and empty slots read a real key, masked below
-    if key_valid is not None:
-        visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
+    # Known from the shapes alone (no data-dependent check): with no padding, whole blocks and at least top_k candidate
+    # blocks, every slot holds a block and every key in it is visible, so the step needs no mask at all (a decoding
+    # query is the last key, so causality hides nothing from it).
+    candidates = num_blocks(query_offset + 1 if causal else k_len, block_size)
+    needs_mask = key_valid is not None or k_len % block_size != 0 or candidates < top_k or query_offset < k_len - 1
+    if needs_mask:
+        token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
+        visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
+        if causal:
+            visible &= token <= query_offset
+        token = token.clamp(max=k_len - 1)  # the ragged tail and empty slots read a real key, masked below
+        if key_valid is not None:
+            visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
+    else:
+        token = (selected[..., None] * block_size + offsets).flatten(2)
 
-    keys = _select_tokens(key, token).to(compute_dtype)  # b hk k*B d
-    values = _select_tokens(value, token).to(compute_dtype)
+    keys, values = (t.to(compute_dtype) for t in _select_tokens(token, key, value))  # b hk k*B d
 
-    q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype)  # the group's heads share the routing
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # b hk g k*B
-    # A finite fill keeps a row without visible keys finite (uniform, then zeroed), in the forward and the backward.
-    scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(compute_dtype).min)
-    probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
+    q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype) * scale  # the group's heads share the routing
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # b hk g k*B
+    if needs_mask:
+        # A finite fill keeps a row without visible keys finite (uniform, then zeroed), forward and backward.
+        scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(compute_dtype).min)
+        probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     output = torch.matmul(probs, values)  # b hk g d
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
 
 
-def _select_tokens(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, token[b, h, j]]`` as ``(b, h, j, d)``. A cache's keys are contiguous: one row `index_select` over the
-    flattened keys (4x faster on CPU than advanced indexing); other layouts are indexed in place rather than copied."""
-    batch, heads, length, dim = x.shape
-    if x.is_contiguous():
-        rows = token + length * torch.arange(batch * heads, device=x.device).view(batch, heads, 1)
-        return x.view(-1, dim).index_select(0, rows.view(-1)).view(*token.shape, dim)
-    batch_index = torch.arange(batch, device=x.device)[:, None, None]
-    head_index = torch.arange(heads, device=x.device)[None, :, None]
-    return x[batch_index, head_index, token]
+def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x[b, h, token[b, h, j]]`` as ``(b, h, j, d)`` for each ``x``. A cache's keys are contiguous: one row
+    `index_select` over the flattened keys (4x faster on CPU than advanced indexing); other layouts are indexed in
+    place rather than copied."""
+    batch, heads, length, dim = tensors[0].shape
+    rows = None
+    out = []
+    for x in tensors:
+        if x.is_contiguous():
+            if rows is None:
+                rows = (token + length * torch.arange(batch * heads, device=x.device).view(batch, heads, 1)).view(-1)
+            out.append(x.view(-1, dim).index_select(0, rows).view(*token.shape, dim))
+        else:
+            batch_index = torch.arange(batch, device=x.device)[:, None, None]
+            head_index = torch.arange(heads, device=x.device)[None, :, None]
+            out.append(x[batch_index, head_index, token])
+    return tuple(out)
 
 
 __all__ = ["decode_attention"]

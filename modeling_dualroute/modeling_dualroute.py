@@ -29,7 +29,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, _active_collector, capture_outputs
 
 from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
@@ -278,7 +278,7 @@ class DualRouteAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        router_info = {}
+        router_info = {} if _router_indices_requested() else None  # the plan costs routing work in dense layers
         output, weights = attention_interface(
             self,
             query,
@@ -291,7 +291,13 @@ class DualRouteAttention(nn.Module):
             **kwargs,
         )
         output = self.out_proj(output.reshape(*input_shape, -1).contiguous())
-        return output, weights, router_info.get("plan")
+        return output, weights, router_info.get("plan") if router_info is not None else None
+
+
+def _router_indices_requested() -> bool:
+    """Whether the running forward records ``router_indices`` / ``cross_router_indices`` (transformers' output
+    capturing keeps the requested outputs of the current ``capture_outputs`` call in a context variable)."""
+    return any(name.endswith("router_indices") for name in _active_collector.get() or ())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

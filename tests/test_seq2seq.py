@@ -214,6 +214,26 @@ def test_decoding_reads_only_the_selected_blocks(monkeypatch):
     assert out.sequences.shape[1] == 81
 
 
+def test_layers_that_run_dense_route_only_when_router_indices_are_requested(monkeypatch):
+    """Decoder self-attention over fewer blocks than top-k runs dense; its plan ("every block") is built only when the
+    caller asks for router indices."""
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    decoder = torch.randint(4, 99, (2, 5))  # 5 decoder tokens: one block, fewer than top-k
+    routed_lengths = []
+    original = attention_module._route_checked
+    monkeypatch.setattr(
+        attention_module,
+        "_route_checked",
+        lambda q, k, **kw: routed_lengths.append(k.shape[2]) or original(q, k, **kw),
+    )
+    model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder)
+    assert 5 not in routed_lengths  # no routing for the dense decoder self-attention
+    routed_lengths.clear()
+    out = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder, output_router_indices=True)
+    assert 5 in routed_lengths and all(plan is not None for plan in out.decoder_router_indices)
+
+
 def test_full_top_k_equals_the_dense_twin():
     routed = make_model(route_topk=16)
     input_ids, attention_mask = source(routed)
