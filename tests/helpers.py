@@ -23,6 +23,20 @@ WORDS = (
 ).split()
 
 
+def load_benchmark(name: str):
+    """Imports ``benchmarks/<name>.py`` as a module. benchmarks/ is not a package and its scripts import their
+    siblings (``common``, other benchmarks), so the folder goes on ``sys.path``."""
+    import importlib.util
+
+    benchmarks = REPO / "benchmarks"
+    if str(benchmarks) not in sys.path:
+        sys.path.insert(0, str(benchmarks))
+    spec = importlib.util.spec_from_file_location(name, benchmarks / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(**overrides) -> DualRouteConfig:
     """Odd sizes on purpose (seq 13 with block 4 gives a ragged last block)."""
     options = dict(

@@ -1,29 +1,13 @@
 """benchmarks/bench_fidelity.py on a small scale: the real MiniLM, two news articles cut to 128 tokens, block 16."""
 
-import importlib.util
-import sys
-
 import pytest
 
-from helpers import REPO
-
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def load_bench_fidelity():
-    # benchmarks/ is not a package and its scripts import their sibling `common`
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCHMARKS / "bench_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def measured():
-    bench = load_bench_fidelity()
+    bench = load_benchmark("bench_fidelity")
     model, tokenizer = bench.load_model_and_tokenizer()
     enc = bench.encode(tokenizer, bench.long_articles(tokenizer, count=2, tokens=128), tokens=128)
     settings = [dict(block_size=16, top_k=k, global_blocks=g) for g in (0, 1) for k in (2, 4, 8)]
@@ -74,7 +58,7 @@ def test_render_builds_the_readme_table(measured):
 
 
 def test_budgets_cover_one_block_to_all():
-    bench = load_bench_fidelity()
+    bench = load_benchmark("bench_fidelity")
     assert bench.budgets(16, 0) == [1, 2, 3, 4, 6, 8, 12, 16]
     assert bench.budgets(16, 1) == [2, 3, 4, 6, 8, 12, 16]
     assert bench.budgets(8, 0) == [1, 2, 3, 4, 6, 8]

@@ -1,40 +1,25 @@
 """benchmarks/bench_finetune.py and bench_headlines.py: data preparation, key budgets, rendering, and one tiny
 end-to-end training step each (real MiniLM, 64 tokens, one optimiser step). No accuracy is asserted."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 
 from modeling_dualroute import DualRouteForConditionalGeneration, assets
 
-from helpers import REPO, tiny_seq2seq_config
-
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def load(name: str):
-    # benchmarks/ is not a package; its scripts import their siblings (`common`, `bench_finetune`)
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark, tiny_seq2seq_config
 
 
 @pytest.fixture(scope="module")
 def finetune():
-    return load("bench_finetune")
+    return load_benchmark("bench_finetune")
 
 
 @pytest.fixture(scope="module")
 def headlines():
-    return load("bench_headlines")
+    return load_benchmark("bench_headlines")
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,16 @@
 """benchmarks/bench_generate.py: a tiny end-to-end run (both settings, both implementations) and the step clock."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    benchmarks = str(REPO / "benchmarks")
-    sys.path.insert(0, benchmarks)  # the script imports its sibling `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(benchmarks)
+    return load_benchmark("bench_generate")
 
 
 def test_step_clock_times_every_step_and_changes_nothing(bench):

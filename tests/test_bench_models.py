@@ -1,12 +1,9 @@
 """benchmarks/bench_models.py: every model builds and runs tiny; summarize() and render() on a synthetic payload."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import load_benchmark
 
 
 TINY = dict(hidden=64, heads=2, intermediate=128, vocab=1000)
@@ -14,15 +11,7 @@ TINY = dict(hidden=64, heads=2, intermediate=128, vocab=1000)
 
 @pytest.fixture(scope="module")
 def bench():
-    benchmarks = str(REPO / "benchmarks")
-    sys.path.insert(0, benchmarks)  # the script imports its sibling `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_models", REPO / "benchmarks" / "bench_models.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(benchmarks)
+    return load_benchmark("bench_models")
 
 
 @pytest.mark.parametrize("name", ["dualroute", "bert", "longformer", "bigbird", "modernbert"])

@@ -1,34 +1,19 @@
 """benchmarks/bench_retrieval.py on a small scale: the data generator, the sliding-window attention, the model builders
 and the README table. No model is trained to any accuracy here."""
 
-import importlib.util
 import random
-import sys
 
 import pytest
 import torch
 
 from modeling_dualroute.attention_dualroute import reference_attention, routed_mask
 
-from helpers import REPO
-
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def load_bench_retrieval():
-    # benchmarks/ is not a package and its scripts import their sibling `common`
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_retrieval", BENCHMARKS / "bench_retrieval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_bench_retrieval()
+    return load_benchmark("bench_retrieval")
 
 
 @pytest.fixture(scope="module")
