@@ -71,11 +71,13 @@ from modeling_dualroute import assets  # noqa: E402
 from modeling_dualroute.conversion import convert  # noqa: E402
 
 from common import (  # noqa: E402
+    add_run_arguments,
     call_with_threads,
     machine,
     markdown_table,
-    peak_extra_memory_mb,
+    mean_std,
     run_training,
+    train_with_peak_memory,
     training_arguments,
     write_json,
 )
@@ -311,14 +313,7 @@ def train_classifier(spec: dict) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
-    result = {}
-
-    def train():
-        start = time.perf_counter()
-        result["train_output"] = trainer.train()
-        result["train_s"] = time.perf_counter() - start
-
-    peak_mb = peak_extra_memory_mb(train)
+    train_output, train_s, peak_mb = train_with_peak_memory(trainer)
     start = time.perf_counter()
     metrics = trainer.evaluate()
     eval_s = time.perf_counter() - start
@@ -327,11 +322,11 @@ def train_classifier(spec: dict) -> dict:
         "accuracy": metrics["eval_accuracy"],
         "f1_macro": metrics["eval_f1_macro"],
         "eval_loss": metrics["eval_loss"],
-        "train_s": result["train_s"],
+        "train_s": train_s,
         "eval_s": eval_s,
         "peak_train_memory_mb": peak_mb,
-        "steps": result["train_output"].global_step,
-        "train_loss": result["train_output"].training_loss,
+        "steps": train_output.global_step,
+        "train_loss": train_output.training_loss,
         "logged_losses": losses,
         "train_examples": len(data["train"]),
         "eval_examples": len(data["eval"]),
@@ -385,15 +380,13 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
             row = {"task": task, "variant": variant, "seeds": sorted(seeds), "key_share": entries[0]["key_share"]}
             row["dense_last_layers"] = entries[0]["dense_last_layers"]
             for name in ("accuracy", "f1_macro", "train_s", "eval_s", "peak_train_memory_mb"):
-                values = [e[name] for e in entries]
-                row[f"{name}_mean"] = statistics.fmean(values)
-                row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[f"{name}_mean"], row[f"{name}_std"] = mean_std(e[name] for e in entries)
             paired = [s for s in sorted(seeds) if s in dense]
             if variant != "dense" and paired:
                 for name in ("accuracy", "f1_macro"):
-                    diffs = [100 * (seeds[s][name] - dense[s][name]) for s in paired]
-                    row[f"{name}_diff_points_mean"] = statistics.fmean(diffs)
-                    row[f"{name}_diff_points_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                    row[f"{name}_diff_points_mean"], row[f"{name}_diff_points_std"] = mean_std(
+                        100 * (seeds[s][name] - dense[s][name]) for s in paired
+                    )
                 row["within_target"] = row["accuracy_diff_points_mean"] >= -TARGET_POINTS
                 row["train_time_ratio"] = row["train_s_mean"] / statistics.fmean(dense[s]["train_s"] for s in paired)
             rows.append(row)
@@ -405,12 +398,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     parser.add_argument("--variants", nargs="+", default=None, help=f"default {VARIANTS}; also dualroute-dlN")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {SEEDS} ({QUICK_SEEDS} quick)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline in minutes")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop every run after this many steps (0: epochs)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--in-process", action="store_true", help="train in this process (no clean memory figures)")
-    parser.add_argument("--out", default=None, help="file name under results/ (or a path); default by mode")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_run_arguments(parser)
     for task, options in TASKS.items():
         for field, value in options.items():
             parser.add_argument(

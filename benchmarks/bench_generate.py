@@ -42,7 +42,7 @@ from common import machine, markdown_table, write_json
 
 
 PRESET = Path(__file__).resolve().parents[1] / "configuration" / "small-seq2seq.json"
-SETTINGS = {"greedy": {"num_beams": 1}, "beam4": {"num_beams": 4}}
+NUM_BEAMS = {"greedy": 1, "beam4": 4}  # the decoding settings
 SETTING_LABELS = {"greedy": "greedy, batch 1", "beam4": "beam search, 4 beams"}
 TARGET_LENGTH, TARGET_SPEEDUP = 16384, 5.0
 
@@ -98,7 +98,7 @@ def check_cached_decoding(model) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(NUM_BEAMS), default=list(NUM_BEAMS))
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per point")
     parser.add_argument("--layers", type=int, default=None, help="override encoder and decoder depth")
@@ -114,7 +114,7 @@ def main(argv=None):
         with torch.no_grad():
             encoder_outputs = model.get_encoder()(input_ids=input_ids)
         for setting in args.settings:
-            num_beams = SETTINGS[setting]["num_beams"]
+            num_beams = NUM_BEAMS[setting]
             intervals = {"dualroute": [], "sdpa": []}
             for repeat in range(args.repeats + 1):  # alternating calls, so drifts of the machine hit both alike
                 for implementation in intervals:
@@ -171,7 +171,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def render(payload: dict) -> str:
     per_token = {(r["setting"], r["n"], r["implementation"]): r["per_token_s"] for r in payload["rows"]}
-    settings = [s for s in SETTINGS if any(key[0] == s for key in per_token)]
+    settings = [s for s in NUM_BEAMS if any(key[0] == s for key in per_token)]
     lengths = sorted({n for _, n, _ in per_token})
     header = ["encoder tokens"]
     for setting in settings:

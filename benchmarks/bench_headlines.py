@@ -56,24 +56,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_finetune import REPO, key_share  # noqa: E402
+from bench_finetune import DATA_SEED, MODEL, REPO, RUN_TIMEOUT_S, WARMUP, WEIGHT_DECAY, key_share  # noqa: E402
 
 from modeling_dualroute import assets  # noqa: E402
 from modeling_dualroute.conversion import convert  # noqa: E402
 
 from common import (  # noqa: E402
+    add_run_arguments,
     call_with_threads,
     machine,
     markdown_table,
-    peak_extra_memory_mb,
+    mean_std,
     run_training,
+    train_with_peak_memory,
     training_arguments,
     write_json,
 )
 
 
-MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-DATA_SEED = 1234  # the splits depend on this alone, not on the training seed
 CONFIG = dict(
     train_examples=1000,
     eval_examples=100,
@@ -95,11 +95,8 @@ CONFIG = dict(
 QUICK = dict(train_examples=16, eval_examples=8, max_source_length=128, min_source_tokens=128, block_size=8)
 SEEDS = [0]
 VARIANTS = {"dense": "sdpa", "dualroute": "dualroute"}
-WEIGHT_DECAY = 0.01
-WARMUP = 0.1
 SAMPLES = 8  # generated titles kept in the JSON per run
 CROSS_INITS = ("self", "random")
-RUN_TIMEOUT_S = 4 * 3600  # one training run in its fresh process (a loaded machine can be many times slower)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,14 +214,7 @@ def train_headlines(spec: dict) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         compute_metrics=compute_metrics,
     )
-    result = {}
-
-    def train():
-        start = time.perf_counter()
-        result["train_output"] = trainer.train()
-        result["train_s"] = time.perf_counter() - start
-
-    peak_mb = peak_extra_memory_mb(train)
+    train_output, train_s, peak_mb = train_with_peak_memory(trainer)
     start = time.perf_counter()
     output = trainer.predict(
         data["eval"],
@@ -240,11 +230,11 @@ def train_headlines(spec: dict) -> dict:
         "rougeL": metrics["test_rougeL"],
         "generated_words": metrics["test_generated_words"],
         "eval_loss": metrics.get("test_loss"),
-        "train_s": result["train_s"],
+        "train_s": train_s,
         "predict_s": predict_s,
         "peak_train_memory_mb": peak_mb,
-        "steps": result["train_output"].global_step,
-        "train_loss": result["train_output"].training_loss,
+        "steps": train_output.global_step,
+        "train_loss": train_output.training_loss,
         "logged_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "samples": decode(output.predictions[:SAMPLES]),
         "device": str(trainer.args.device),
@@ -315,9 +305,7 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
             continue
         row = {"variant": variant, "seeds": sorted(seeds)}
         for name in ("rouge1", "rouge2", "rougeL", "generated_words", "train_s", "predict_s", "peak_train_memory_mb"):
-            values = [seeds[s][name] for s in sorted(seeds)]
-            row[f"{name}_mean"] = statistics.fmean(values)
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(seeds[s][name] for s in sorted(seeds))
         paired = [s for s in sorted(seeds) if s in dense]
         if variant != "dense" and paired:
             for name in ("rouge1", "rouge2", "rougeL"):
@@ -333,12 +321,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline in minutes")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop every run after this many steps (0: epochs)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--in-process", action="store_true", help="train in this process (no clean memory figures)")
-    parser.add_argument("--out", default=None, help="file name under results/ (or a path); default by mode")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_run_arguments(parser)
     for field, value in CONFIG.items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None)
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ measured in the same run, and keeps the raw runs in its JSON.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -132,6 +133,35 @@ def training_arguments(spec: dict, *, weight_decay: float, warmup_steps: float) 
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
     )
+
+
+def add_run_arguments(parser, *, quick_help: str = "toy sizes: checks the pipeline in minutes") -> None:
+    """The command-line options of a benchmark that trains in worker processes (`run_training`)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop every run after this many steps (0: epochs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--in-process", action="store_true", help="train in this process (no clean memory figures)")
+    parser.add_argument("--out", default=None, help="file name under results/ (or a path); default by mode")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def train_with_peak_memory(trainer) -> tuple:
+    """``trainer.train()`` timed, with the peak resident memory it adds: ``(train_output, seconds, peak_mb)``."""
+    result = {}
+
+    def train():
+        start = time.perf_counter()
+        result["train_output"] = trainer.train()
+        result["seconds"] = time.perf_counter() - start
+
+    peak_mb = peak_extra_memory_mb(train)
+    return result["train_output"], result["seconds"], peak_mb
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of a few per-seed figures."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def run_training(script: str, fn, spec: dict, *, in_process: bool, timeout: float) -> dict:
