@@ -3,13 +3,16 @@
 
 Queries are cut into tiles. Each tile lists the key blocks its queries may use (its *slots*); per query block
 routing uses the query block as the tile, per token routing uses the union of the tile's token selections plus a
-per-row slot mask. For a chunk of tiles at a time, the kernel gathers the slot blocks of K and V, runs a masked
-softmax with plain batched matmuls and writes the output. Nothing of size ``q_len * k_len`` is ever built: the extra
+per-row slot mask. For a chunk of tiles at a time, the kernel gathers the slot blocks of K and V and runs masked
+attention over them, each tile a batch entry of its own. Nothing of size ``q_len * k_len`` is ever built: the extra
 memory is one chunk of scores, a fixed budget. Half-precision inputs are computed in float32.
 
-The backward pass is written out (flash-attention style) instead of being left to autograd: the forward saves only
-q, k, v, the output and the row log-sum-exp, and the backward recomputes each chunk's scores. That keeps the saved
-state O(N * d) instead of the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
+Without dropout the attention of a chunk is PyTorch's fused CPU flash-attention kernel (forward and backward, the
+ops behind `scaled_dot_product_attention`), which also returns the row log-sum-exp the backward pass needs; measured
+10-25% faster here than softmax and matmuls of our own. It has no dropout, so with dropout the chunk runs as a
+masked softmax with plain batched matmuls, and the backward pass is written out the same way. Either way the forward
+saves only q, k, v, the output and the row log-sum-exp, and the backward recomputes each chunk's scores: the saved
+state is O(N * d), not the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
 slow twin this is tested against.
 """
 
@@ -20,6 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from .routing_dualroute import indices_from_selection, num_blocks
+
+
+# The fused CPU flash-attention kernel and its backward (what scaled_dot_product_attention runs on CPU); they take an
+# additive float mask and return the log-sum-exp per query row. A row with no visible key gets output 0, lse 0.
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 # Scores computed per chunk (float32 elements). Chosen by measurement on a 2-core CPU (benchmarks/README.md): a chunk
@@ -142,7 +151,6 @@ class _Layout:
             self.row_offset = torch.arange(self.tile_size, device=device).repeat(self.group)  # rows are (group, pos)
             self.block_start = (torch.arange(self.n_flat_blocks, device=device) % self.n_key_blocks) * block_size
             self.key_offset = torch.arange(block_size, device=device)
-        self.has_masks = causal or any(m is not None for m in (self.key_valid, self.slot_valid, self.row_slots))
         self.tiles_per_chunk = max(
             1, min(self.n_flat_tiles, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.keys_per_tile))
         )
@@ -216,6 +224,15 @@ class _Layout:
             mask = visible if mask is None else mask & visible
         return mask
 
+    def additive_mask(self, chunk: slice, out: torch.Tensor) -> torch.Tensor | None:
+        """The chunk's visibility as the flash kernel's float mask ``(tiles, 1, rows | 1, keys)``: 0 or ``-inf``."""
+        mask = self.mask(chunk)
+        if mask is None:
+            return None
+        bias = out[: mask.numel()].view(mask.shape)
+        bias.zero_().masked_fill_(~mask, float("-inf"))
+        return bias[:, None]
+
     def scores(
         self, q: torch.Tensor, keys: torch.Tensor, chunk: slice, scale: float, out: torch.Tensor
     ) -> torch.Tensor:
@@ -237,6 +254,7 @@ class _Layout:
             "values": self.tiles_per_chunk * self.keys_per_tile * self.dim,
             "scores": self.tiles_per_chunk * self.rows * self.keys_per_tile,
             "grad_probs": self.tiles_per_chunk * self.rows * self.keys_per_tile,
+            "bias": self.tiles_per_chunk * self.rows * self.keys_per_tile,
         }
         device = self.key_valid.device if self.key_valid is not None else self.flat_blocks.device
         return {name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device) for name in names}
@@ -257,23 +275,17 @@ class _GatherAttention(torch.autograd.Function):
         v = layout.to_blocks(value)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
-        work = layout.workspace("keys", "values", "scores")
-        # Inference without masks or dropout has no empty rows and needs no log-sum-exp: one fused softmax per chunk.
-        fused = not any(ctx.needs_input_grad[:3]) and not dropout and not layout.has_masks
-        for index, chunk in enumerate(layout.chunks()):
-            keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
-            probs = layout.scores(q, keys, chunk, scale, work["scores"])
-            if fused:
-                torch.bmm(torch.softmax(probs, dim=-1), values, out=out[chunk])
-                continue
-            row_max = probs.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows with no visible key: 0
-            probs.sub_(row_max).exp_()
-            row_sum = probs.sum(-1, keepdim=True)
-            if dropout:
-                probs.mul_(_dropout_keep(probs.shape, dropout, seed, index, probs.device)).mul_(1.0 / (1.0 - dropout))
-            empty = row_sum == 0
-            torch.bmm(probs, values, out=out[chunk]).div_(row_sum.masked_fill_(empty, 1.0))
-            lse[chunk] = (row_max + row_sum.log()).masked_fill_(empty, float("inf")).squeeze(-1)
+        if dropout:
+            _forward_with_dropout(q, k, v, layout, scale, dropout, seed, out, lse)
+        else:
+            work = layout.workspace("keys", "values", "bias")
+            for chunk in layout.chunks():
+                keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+                chunk_out, chunk_lse = _flash_forward(
+                    q[chunk][:, None], keys[:, None], values[:, None],
+                    attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
+                )  # fmt: skip
+                out[chunk], lse[chunk] = chunk_out[:, 0], chunk_lse[:, 0]
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.layout, ctx.scale, ctx.dropout, ctx.seed = layout, scale, dropout, seed
         return layout.from_tiles(out).to(query.dtype)
@@ -286,35 +298,70 @@ class _GatherAttention(torch.autograd.Function):
         k = layout.to_blocks(key)
         v = layout.to_blocks(value)
         grad_o = layout.to_tiles(grad_out.contiguous())
-        # Gradients are written into three N x d buffers and returned as views of them, scaled in place: peak memory
-        # stays at what dense SDPA's backward needs (its three gradients) plus one chunk's workspace.
+        # Gradients are written into three N x d buffers and returned as views of them: peak memory stays at what dense
+        # SDPA's backward needs (its three gradients) plus one chunk's workspace.
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-        work = layout.workspace("keys", "values", "scores", "grad_probs")
-        for index, chunk in enumerate(layout.chunks()):
-            keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
-            probs = layout.scores(q, keys, chunk, scale, work["scores"])
-            probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
-            grad_probs = work["grad_probs"][: probs.numel()].view(probs.shape)
-            torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
-            if dropout:
-                keep = _dropout_keep(probs.shape, dropout, seed, index, probs.device).to(probs.dtype) / (1.0 - dropout)
-                grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])
-                grad_probs.mul_(keep)
-            else:
-                grad_values = torch.bmm(probs.transpose(1, 2), grad_o[chunk])
-            delta = (grad_o[chunk] * out[chunk]).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
-            grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(scale)  # d(loss)/d(raw scores q.k)
-            torch.bmm(grad_scores, keys, out=grad_q[chunk])
-            grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])
-            flat = layout.flat_blocks[chunk].reshape(-1)
-            grad_k.index_add_(0, flat, grad_keys.view(-1, layout.block_size, layout.dim))
-            grad_v.index_add_(0, flat, grad_values.view(-1, layout.block_size, layout.dim))
+        if dropout:
+            _backward_with_dropout(q, k, v, out, lse, grad_o, layout, scale, dropout, seed, grad_q, grad_k, grad_v)
+        else:
+            work = layout.workspace("keys", "values", "bias")
+            for chunk in layout.chunks():
+                keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+                chunk_grad_q, grad_keys, grad_values = _flash_backward(
+                    grad_o[chunk][:, None], q[chunk][:, None], keys[:, None], values[:, None], out[chunk][:, None],
+                    lse[chunk][:, None], 0.0, False, attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
+                )  # fmt: skip
+                grad_q[chunk] = chunk_grad_q[:, 0]
+                _add_to_blocks(layout, chunk, grad_k, grad_keys, grad_v, grad_values)
         grad_query = layout.from_tiles(grad_q).to(query.dtype)
         grad_key = layout.from_blocks(grad_k).to(key.dtype)
         grad_value = layout.from_blocks(grad_v).to(value.dtype)
         return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def _add_to_blocks(layout: _Layout, chunk: slice, grad_k, grad_keys, grad_v, grad_values) -> None:
+    """Scatter-adds the chunk's gradients of its gathered slot blocks back onto the key/value blocks."""
+    flat = layout.flat_blocks[chunk].reshape(-1)
+    grad_k.index_add_(0, flat, grad_keys.reshape(-1, layout.block_size, layout.dim))
+    grad_v.index_add_(0, flat, grad_values.reshape(-1, layout.block_size, layout.dim))
+
+
+def _forward_with_dropout(q, k, v, layout: _Layout, scale: float, dropout: float, seed: int, out, lse) -> None:
+    """Forward with attention dropout: masked softmax and batched matmuls per chunk (the flash kernel has no dropout);
+    fills ``out`` and ``lse`` (``inf`` for a row with no visible key)."""
+    work = layout.workspace("keys", "values", "scores")
+    for index, chunk in enumerate(layout.chunks()):
+        keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+        probs = layout.scores(q, keys, chunk, scale, work["scores"])
+        row_max = probs.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows with no visible key: 0
+        probs.sub_(row_max).exp_()
+        row_sum = probs.sum(-1, keepdim=True)
+        probs.mul_(_dropout_keep(probs.shape, dropout, seed, index, probs.device)).mul_(1.0 / (1.0 - dropout))
+        empty = row_sum == 0
+        torch.bmm(probs, values, out=out[chunk]).div_(row_sum.masked_fill_(empty, 1.0))
+        lse[chunk] = (row_max + row_sum.log()).masked_fill_(empty, float("inf")).squeeze(-1)
+
+
+def _backward_with_dropout(q, k, v, out, lse, grad_o, layout: _Layout, scale, dropout, seed, grad_q, grad_k, grad_v):
+    """Backward of `_forward_with_dropout`: recomputes each chunk's probabilities from the saved log-sum-exp and
+    regenerates its dropout mask from (seed, chunk)."""
+    work = layout.workspace("keys", "values", "scores", "grad_probs")
+    for index, chunk in enumerate(layout.chunks()):
+        keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+        probs = layout.scores(q, keys, chunk, scale, work["scores"])
+        probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
+        grad_probs = work["grad_probs"][: probs.numel()].view(probs.shape)
+        torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
+        keep = _dropout_keep(probs.shape, dropout, seed, index, probs.device).to(probs.dtype) / (1.0 - dropout)
+        grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])
+        grad_probs.mul_(keep)
+        delta = (grad_o[chunk] * out[chunk]).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
+        grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(scale)  # d(loss)/d(raw scores q.k)
+        torch.bmm(grad_scores, keys, out=grad_q[chunk])
+        grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])
+        _add_to_blocks(layout, chunk, grad_k, grad_keys, grad_v, grad_values)
 
 
 def gather_attention(
