@@ -1,4 +1,4 @@
-"""Long-range retrieval: does routing find a fact that no fixed window reaches? Four small encoders are trained from
+"""Long-range retrieval: does routing find a fact that no fixed window reaches? Five small encoders are trained from
 scratch on the same data with the same budget and scored by where the fact sits.
 
     python benchmarks/bench_retrieval.py                    # the full run -> results/retrieval.{json,png}
@@ -25,6 +25,9 @@ order), all 0 dropout:
 
 - ``dualroute``: `DualRouteForSequenceClassification`, RoPE, block 16, top-16 (256 keys per query), one global block,
   every layer routed. Small blocks keep the planted fact a large part of its block's mean key, so level 1 can see it.
+  Level 1 routes on the queries and keys before the rotation (``route_before_rope=True``, the default).
+- ``dualroute_rotated``: the same with ``route_before_rope=False``: level 1 routes on the rotated queries and keys
+  (the ablation: a block mean of rotated keys mixes each key's position into its content).
 - ``dense``: the very same model and initial weights with ``attn_implementation="sdpa"``.
 - ``window``: the same model and weights with routing replaced by a fixed local window: each query block reads its
   own block, the nearest blocks on both sides and the global block, at most top-k blocks as DualRoute (at top-16: the
@@ -70,9 +73,11 @@ from common import machine, markdown_table, write_json  # noqa: E402
 
 transformers.logging.set_verbosity_error()  # BigBird warns about every padded / short input
 
-MODELS = ["dualroute", "dense", "window", "bigbird"]
+MODELS = ["dualroute", "dualroute_rotated", "dense", "window", "bigbird"]
+ROUTED = ("dualroute", "dualroute_rotated", "window")  # the models with a routing plan (reported per layer)
 LABELS = {
     "dualroute": "DualRoute",
+    "dualroute_rotated": "DualRoute, routing on rotated keys",
     "dense": "dense (SDPA)",
     "window": "sliding window",
     "bigbird": "BigBird",
@@ -402,13 +407,19 @@ def build_dualroute_family(settings: dict, max_length: int, vocab_size: int, nam
     torch.manual_seed(settings["seed"])
     first = DualRouteForSequenceClassification(dualroute_config(settings, max_length, vocab_size))
     state = {k: v.clone() for k, v in first.state_dict().items()}
-    implementations = {"dualroute": "dualroute", "dense": "sdpa", "window": WINDOW_ATTENTION}
+    implementations = {
+        "dualroute": "dualroute",
+        "dualroute_rotated": "dualroute",
+        "dense": "sdpa",
+        "window": WINDOW_ATTENTION,
+    }
     models = {}
     for name in names:
         # each model gets its own config: the attention implementation is stored on the config
         model = first if not models else DualRouteForSequenceClassification(copy.deepcopy(first.config))
         model.load_state_dict(state)
         model.set_attn_implementation(implementations[name])
+        model.config.route_before_rope = name != "dualroute_rotated"
         models[name] = model
     return models
 
@@ -448,7 +459,7 @@ def key_share(name: str, length: int, settings: dict) -> float:
     n = num_blocks(length, block)
     if name == "dense":
         return 1.0
-    if name == "dualroute":
+    if name in ("dualroute", "dualroute_rotated"):
         return min(1.0, settings["top_k"] * block / length)
     if name == "window":
         return window_selection(n, settings["top_k"], settings["global_blocks"]).sum().item() * block / (n * length)
@@ -597,7 +608,7 @@ def estimate(models: dict, task: RetrievalTask, eval_sets: dict, settings: dict,
                 train_step(model, batch, optimizer, schedule)
             per_step[length] = (time.perf_counter() - started) / steps
         per_example = {}
-        block_size = settings["block_size"] if name in ("dualroute", "window") else None
+        block_size = settings["block_size"] if name in ROUTED else None
         for length, examples in eval_sets.items():
             chunk = examples[: settings["eval_batch_size"]]
             evaluate(model, chunk, settings["eval_batch_size"], block_size)
@@ -800,7 +811,7 @@ def main(argv=None):
         trained = train(model, train_task, settings, progress)
         evaluations = {}
         for length, examples in eval_sets.items():
-            block_size = settings["block_size"] if name in ("dualroute", "window") else None
+            block_size = settings["block_size"] if name in ROUTED else None
             evaluations[str(length)] = evaluate(model, examples, settings["eval_batch_size"], block_size)
             print(f"  {name} @ {length}: accuracy {evaluations[str(length)]['accuracy']:.3f}", flush=True)
         results[name] = {

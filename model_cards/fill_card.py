@@ -94,6 +94,7 @@ def fill_model_card(
         dense_layers=sum(t == "full_attention" for t in layer_types),
         max_position_embeddings=config.get("max_position_embeddings"),
         position_embedding_type=config.get("position_embedding_type", "absolute"),
+        route_before_rope=config.get("route_before_rope", True),
         base_model=base_model,
         auto_class=auto_class,
         pipeline_snippet=pipeline_tag == "text-classification",

@@ -227,10 +227,14 @@ def routed_attention_with_plan(
     need_weights: bool = False,
     need_plan: bool = True,
     key_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    routing_query: torch.Tensor | None = None,
+    routing_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """`routed_attention` that also returns ``info``: ``plan`` (the routing; ``None`` when top-k covers every block and
     ``need_plan`` is False, since dense attention then needs none), ``backend`` (what ran) and ``weights``
-    (``(b, hq, lq, lk)`` when ``need_weights``, which runs the reference backend)."""
+    (``(b, hq, lq, lk)`` when ``need_weights``, which runs the reference backend). ``routing_query`` /
+    ``routing_key`` (shaped like ``query`` / ``key``): what level 1 routes on instead of ``query`` / ``key``, e.g.
+    the vectors before a rotary position embedding; level 2 always attends with ``query`` and ``key``."""
     check_backend(backend)
     key_padding_mask, query_padding_mask = check_routing_inputs(
         query,
@@ -246,6 +250,12 @@ def routed_attention_with_plan(
     )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}.")
+    for name, routing, attended in (("routing_query", routing_query, query), ("routing_key", routing_key, key)):
+        if routing is not None and (routing.shape != attended.shape or routing.device != attended.device):
+            raise ValueError(
+                f"`{name}` must have the shape and device of `{name.split('_')[1]}`, {tuple(attended.shape)} on "
+                f"{attended.device}, got {tuple(routing.shape)} on {routing.device}."
+            )
     if need_weights and backend not in ("auto", "reference"):
         raise ValueError(f"attention weights are only computed by the `reference` backend, got backend={backend!r}.")
     q_len, k_len = query.shape[2], key.shape[2]
@@ -274,8 +284,8 @@ def routed_attention_with_plan(
     plan = None
     if chosen != "dense" or need_plan:
         plan = _route_checked(
-            query,
-            key,
+            query if routing_query is None else routing_query,
+            key if routing_key is None else routing_key,
             block_size=block_size,
             top_k=top_k,
             causal=causal,
@@ -382,8 +392,9 @@ def dualroute_attention_forward(
     Reads the routing settings from ``module.config`` (``route_block_size``, ``route_topk``, ``route_global_blocks``,
     ``route_backend``; defaults 64 / 8 / 1 / auto for models whose config lacks them), causality from
     ``module.is_causal`` and cross-attention from ``module.is_cross_attention``. A module with ``routed = False`` (a
-    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` (from the cache)
-    and ``router_info`` (a dict that receives the routing plan; for a dense layer, every candidate block).
+    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` (from the cache),
+    ``routing_query`` / ``routing_key`` (what level 1 routes on, e.g. the vectors before RoPE) and ``router_info`` (a
+    dict that receives the routing plan; for a dense layer, every candidate block).
 
     Returns ``(output (batch, q_len, heads, head_dim), weights or None)``; weights when ``output_attentions``.
     """
@@ -422,6 +433,8 @@ def dualroute_attention_forward(
         need_weights=need_weights,
         need_plan=router_info is not None,
         key_descriptors=kwargs.get("key_descriptors") if routed else None,
+        routing_query=kwargs.get("routing_query") if routed else None,
+        routing_key=kwargs.get("routing_key") if routed else None,
     )
     if router_info is not None:
         router_info["plan"] = info["plan"]  # a dense layer's plan lists every candidate block

@@ -10,8 +10,11 @@ alike). Besides keys and values it keeps, per key block, the float32 sum of the 
 - cross-attention: the encoder's descriptors are computed once, when the encoder keys enter the cache, and reused at
   every generated token.
 
-Beam search reordering, cropping (assisted decoding) and batch selection/repetition (contrastive search) apply to the
-descriptors exactly as to the keys, so they always equal descriptors recomputed from the cached keys.
+With ``routing_keys`` (RoPE models that route before the rotation, ``route_before_rope``) the descriptors are means of
+those instead of the attended keys; the layer keeps them next to the keys, so the open block and a crop can be
+recomputed. Beam search reordering, cropping (assisted decoding) and batch selection/repetition (contrastive search)
+apply to the descriptors and routing keys exactly as to the keys, so descriptors always equal descriptors recomputed
+from the cached (routing) keys.
 
 Cross-attention keys are written once (``write_once=True``) and are the same for every beam of an input: beam search
 expands the encoder output per beam. transformers reorders every cache layer at every step, which for cross-attention
@@ -45,6 +48,7 @@ class DualRouteCacheLayer(DynamicLayer):
             None,
         )  # (the block_sums they were computed from, means): cross-attention reuses them
         self.key_mask: torch.Tensor | None = None  # (batch, seq) bool; None while every cached key is visible
+        self.routing_keys: torch.Tensor | None = None  # (batch, kv_heads, seq, head_dim): what descriptors average
         self.write_once = False  # cross-attention: the encoder's keys, written at the first step, never appended to
         self.row_classes: torch.Tensor | None = None  # write-once layer: lowest index of the row each row equals
 
@@ -58,17 +62,33 @@ class DualRouteCacheLayer(DynamicLayer):
         block_size: int | None = None,
         key_mask: torch.Tensor | None = None,
         write_once: bool = False,
+        routing_keys: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends keys/values (and their padding mask, ``True`` = real); refreshes the blocks they touched.
 
         Without ``block_size`` (dense attention) the layer behaves like a plain `DynamicLayer`; descriptors are then
         computed on demand by `key_descriptors`. ``write_once``: these are all the keys the layer will ever hold
-        (cross-attention), which lets beam search skip reorders that change nothing.
+        (cross-attention), which lets beam search skip reorders that change nothing. ``routing_keys`` (shaped like
+        ``key_states``): the vectors descriptors average instead of the keys; given at every update or never.
         """
         old_length = self.get_seq_length()
+        if old_length and (routing_keys is None) != (self.routing_keys is None):
+            raise ValueError(
+                "`routing_keys` must be given at every update of a cache layer or at none: this layer holds "
+                f"{old_length} keys {'with' if self.routing_keys is not None else 'without'} routing keys."
+            )
+        if routing_keys is not None and routing_keys.shape != key_states.shape:
+            raise ValueError(
+                f"`routing_keys` must have the shape of `key_states` {tuple(key_states.shape)}, "
+                f"got {tuple(routing_keys.shape)}."
+            )
         self.write_once, self.row_classes = write_once and old_length == 0, None
         keys, values = super().update(key_states, value_states)
+        if routing_keys is not None:
+            self.routing_keys = (
+                routing_keys if self.routing_keys is None else torch.cat([self.routing_keys, routing_keys], dim=-2)
+            )
         self._append_mask(key_mask, old_length, key_states.shape[-2], key_states.shape[0])
         if block_size is not None:
             self._refresh(block_size, first_changed=old_length)
@@ -91,7 +111,8 @@ class DualRouteCacheLayer(DynamicLayer):
         )
         start = first_block * block_size
         mask = None if self.key_mask is None else self.key_mask[:, start:]
-        sums, counts = block_sums(self.keys[:, :, start:], block_size, mask)
+        averaged = self.keys if self.routing_keys is None else self.routing_keys
+        sums, counts = block_sums(averaged[:, :, start:], block_size, mask)
         if first_block:
             sums = torch.cat([self.block_sums[:, :, :first_block], sums], dim=2)
             counts = torch.cat([self.block_counts[:, :first_block], counts], dim=1)
@@ -116,6 +137,8 @@ class DualRouteCacheLayer(DynamicLayer):
     # -- generation's cache operations ---------------------------------------------------------------------------------
 
     def _apply_to_descriptors(self, operation) -> None:
+        if self.routing_keys is not None:
+            self.routing_keys = operation(self.routing_keys)
         if self.block_sums is not None:
             self.block_sums, self.block_counts = operation(self.block_sums), operation(self.block_counts)
         if self.key_mask is not None:
@@ -170,6 +193,8 @@ class DualRouteCacheLayer(DynamicLayer):
         length = self.get_seq_length()
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :length]
+        if self.routing_keys is not None:
+            self.routing_keys = self.routing_keys[:, :, :length]
         if self.block_size is not None:  # blocks up to the new end are recomputed from the kept keys
             self._refresh(self.block_size, first_changed=length)
 

@@ -36,6 +36,11 @@ class DualRouteConfig(PreTrainedConfig):
         route_topk (`int`, defaults to 8): key blocks each query (block) attends to, forced blocks included.
         route_global_blocks (`int`, defaults to 1): the first blocks, always attended (CLS / attention-sink tokens).
         route_backend (`str`, defaults to `"auto"`): level-2 backend, one of `auto`, `reference`, `gather`, `flex`.
+        route_before_rope (`bool`, defaults to `True`): with `position_embedding_type="rope"`, level 1 scores blocks
+            with the queries and keys *before* the rotation, so routing follows content wherever it sits; level 2
+            attends with the rotated ones as usual. A block mean of rotated keys mixes each key's position into its
+            content: in the retrieval benchmark, routing on rotated keys found a planted fact 73/42/25% of the time
+            at 1k/2k/4k tokens, routing before the rotation 99/100/99%. No effect with absolute positions.
         layer_types (`list[str]`, *optional*): per encoder layer, `"dualroute_attention"` (routed) or
             `"full_attention"` (dense). Defaults to every layer routed.
         position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned, as in BERT, RoBERTa, BART;
@@ -88,6 +93,7 @@ class DualRouteConfig(PreTrainedConfig):
     route_topk: int = 8
     route_global_blocks: int = 1
     route_backend: str = "auto"
+    route_before_rope: bool = True
 
     classifier_pooling: str = "cls"
     classifier_activation: str = "tanh"
@@ -143,6 +149,11 @@ class DualRouteConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
+        if not isinstance(self.route_before_rope, bool):
+            raise TypeError(
+                f"`route_before_rope` must be a bool, got {self.route_before_rope!r} of type "
+                f"{type(self.route_before_rope).__name__}."
+            )
         for name in (
             "route_block_size",
             "route_topk",

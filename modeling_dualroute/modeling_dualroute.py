@@ -262,14 +262,24 @@ class DualRouteAttention(nn.Module):
             key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
             value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
             if position_embeddings is not None:
+                if routing and self.config.route_before_rope:  # level 1 routes on content, level 2 sees positions
+                    kwargs["routing_query"], kwargs["routing_key"] = query, key
                 query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
             if cache is not None:
                 self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
                 new_key_mask = None if key_mask is None else key_mask[:, -input_shape[1] :]
+                routing_key = kwargs.pop("routing_key", None)
+                extra = {} if routing_key is None else {"routing_keys": routing_key}
                 key, value = self_cache.update(
-                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask
+                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask, **extra
                 )
                 layer_cache = self_cache.layers[self.layer_idx]
+                if routing_key is not None and not isinstance(layer_cache, DualRouteCacheLayer):
+                    raise ValueError(
+                        f"routing before RoPE (route_before_rope=True) needs the cache to keep the unrotated keys, "
+                        f"but self-attention cache layer {self.layer_idx} is a {type(layer_cache).__name__}; pass "
+                        "DynamicCache(config=model.config) (generate() builds it), or set route_before_rope=False."
+                    )
         if routing and isinstance(layer_cache, DualRouteCacheLayer):
             kwargs["key_descriptors"] = layer_cache.key_descriptors(block_size)  # no re-reading of cached keys
         return self._attend(query, key, value, attention_mask, input_shape, **kwargs)

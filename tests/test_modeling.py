@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from modeling_dualroute import DualRouteConfig, DualRouteForSequenceClassification, DualRouteModel
+from modeling_dualroute.modeling_dualroute import apply_rotary
+from modeling_dualroute.routing_dualroute import route_blocks
 
 from helpers import random_batch, tiny_config
 
@@ -24,6 +26,7 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
         (dict(route_block_size=0), ValueError, "`route_block_size` must be >= 1, got 0"),
         (dict(route_topk="8"), TypeError, "`route_topk` must be an int, got '8'"),
         (dict(route_backend="fast"), ValueError, "`route_backend` must be one of"),
+        (dict(route_before_rope=1), TypeError, "`route_before_rope` must be a bool, got 1 of type int"),
         (dict(hidden_size=30), ValueError, "`hidden_size` (30) must be a multiple of `num_attention_heads` (4)"),
         (
             dict(num_key_value_heads=3),
@@ -80,6 +83,42 @@ def test_outputs_hidden_states_attentions_and_router_indices():
     out = dense_last(input_ids, attention_mask=attention_mask, output_router_indices=True)
     assert out.router_indices[0].shape == (3, 4, 4, 2)
     assert out.router_indices[1][0].tolist() == [[[0, 1, 2, 3]] * 4] * 4
+
+
+@pytest.mark.parametrize("before_rope", [True, False])
+def test_rope_models_route_on_the_vectors_before_or_after_the_rotation(before_rope):
+    """``route_before_rope``: level 1 scores blocks with the projections before RoPE (position-free content), or with
+    the rotated ones that level 2 attends with."""
+    model = eval_model(
+        DualRouteModel, position_embedding_type="rope", route_before_rope=before_rope, max_position_embeddings=64
+    )
+    input_ids, attention_mask = random_batch(model.config, length=29)
+    projections = {}
+    for index, layer in enumerate(model.layers):
+        for name in ("q_proj", "k_proj"):
+            module = getattr(layer.self_attn, name)
+            module.register_forward_hook(lambda m, args, out, key=(index, name): projections.__setitem__(key, out))
+    out = model(input_ids, attention_mask=attention_mask, output_router_indices=True)
+    positions = attention_mask.cumsum(-1) - 1  # positions count real tokens
+    cos_sin = model.rotary(positions.clamp(min=0), torch.float32)
+    config = model.config
+    for index, plan in enumerate(out.router_indices):
+        query, key = (
+            projections[index, name].view(3, 29, config.num_attention_heads, -1).transpose(1, 2)
+            for name in ("q_proj", "k_proj")
+        )
+        if not before_rope:
+            query, key = apply_rotary(query, *cos_sin), apply_rotary(key, *cos_sin)
+        expected = route_blocks(
+            query,
+            key,
+            block_size=config.route_block_size,
+            top_k=config.route_topk,
+            key_padding_mask=attention_mask.bool(),
+            query_padding_mask=attention_mask.bool(),
+            global_blocks=config.route_global_blocks,
+        )
+        assert torch.equal(plan, expected)
 
 
 def test_return_dict_false_gives_a_tuple():

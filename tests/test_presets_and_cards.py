@@ -65,6 +65,13 @@ def test_model_card_is_filled_from_the_checkpoint(tmp_path):
     assert "routed / dense layers | 1 / 1" in text
     assert 'AutoModelForSequenceClassification.from_pretrained("you/tiny-dualroute", trust_remote_code=True)' in text
     assert "| toy | 1.0 |" in text
+    assert "route_before_rope" not in text  # absolute positions: the setting does nothing
+
+
+def test_model_card_names_the_vectors_a_rope_model_routes_on(tmp_path):
+    DualRouteForSequenceClassification(tiny_config(position_embedding_type="rope")).save_pretrained(tmp_path)
+    text = str(load_fill_card().fill_model_card(tmp_path, results=""))
+    assert "| `route_before_rope` | True (level 1 scores unrotated queries and keys) |" in text
 
 
 def test_model_card_carries_the_project_results_by_default(tmp_path):

@@ -7,6 +7,7 @@ from transformers import AutoModelForSeq2SeqLM, pipeline
 import modeling_dualroute.attention_dualroute as attention_module
 from modeling_dualroute import DualRouteForConditionalGeneration
 from modeling_dualroute.cache_dualroute import DualRouteCacheLayer
+from modeling_dualroute.modeling_dualroute import apply_rotary
 from modeling_dualroute.routing_dualroute import block_sums
 
 from helpers import make_tokenizer, random_batch, run_python_without_package, tiny_seq2seq_config
@@ -17,6 +18,10 @@ def make_model(**overrides):
     options = dict(initializer_range=0.3)  # large weights: the tiny model generates varied tokens
     options.update(overrides)
     return DualRouteForConditionalGeneration(tiny_seq2seq_config(**options)).eval()
+
+
+# RoPE models route on the keys before the rotation: their cache layers keep those routing keys as well
+POSITIONS = ["absolute", "rope"]
 
 
 def source(model, length=23):
@@ -55,8 +60,9 @@ def test_decoder_is_causal():
     assert (logits2[:, 7:] - logits[:, 7:]).abs().max() > 1e-3
 
 
-def test_cached_step_by_step_logits_equal_one_full_forward():
-    model = make_model()
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_cached_step_by_step_logits_equal_one_full_forward(positions):
+    model = make_model(position_embedding_type=positions)
     input_ids, attention_mask = source(model)
     decoder = torch.randint(4, 99, (2, 19))  # 19 tokens: the decoder's last block is open
     full = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder).logits
@@ -76,15 +82,17 @@ def test_cached_step_by_step_logits_equal_one_full_forward():
     assert isinstance(cache.cross_attention_cache.layers[0], DualRouteCacheLayer)
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("options", [dict(do_sample=False), dict(num_beams=3, do_sample=False)])
-def test_generate_with_and_without_cache_gives_the_same_sequences(options):
-    model = make_model()
+def test_generate_with_and_without_cache_gives_the_same_sequences(options, positions):
+    model = make_model(position_embedding_type=positions)
     input_ids, attention_mask = source(model)
-    common = dict(max_new_tokens=18, min_new_tokens=18, **options)
+    # no token twice: a tiny RoPE model would otherwise repeat one token, whose unrotated keys all tie in routing
+    common = dict(max_new_tokens=18, min_new_tokens=18, no_repeat_ngram_size=1, **options)
     cached = model.generate(input_ids, attention_mask=attention_mask, **common)
     uncached = model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **common)
     assert torch.equal(cached, uncached)
-    assert len(set(cached[0].tolist())) > 2  # a non-degenerate sequence
+    assert len(set(cached[0].tolist())) == cached.shape[1]
 
 
 def test_sampling_and_num_return_sequences():
@@ -97,14 +105,23 @@ def test_sampling_and_num_return_sequences():
     assert out.shape[0] == 6
 
 
-def assert_descriptors_match_keys(layer: DualRouteCacheLayer):
-    expected_sums, expected_counts = block_sums(layer.keys, layer.block_size, layer.key_mask)
+def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None):
+    """Descriptors equal those recomputed from the cached keys (RoPE: from the routing keys, which must rotate into
+    the cached keys at positions 0, 1, ...)."""
+    averaged = layer.keys
+    if layer.routing_keys is not None:
+        averaged = layer.routing_keys
+        positions = torch.arange(layer.keys.shape[2])[None].expand(layer.keys.shape[0], -1)
+        rotated = apply_rotary(averaged, *model.decoder.rotary(positions, averaged.dtype))
+        torch.testing.assert_close(rotated, layer.keys, atol=1e-5, rtol=1e-5)
+    expected_sums, expected_counts = block_sums(averaged, layer.block_size, layer.key_mask)
     torch.testing.assert_close(layer.block_sums, expected_sums, atol=1e-5, rtol=1e-5)
     assert torch.equal(layer.block_counts, expected_counts)
 
 
-def test_descriptors_follow_beam_reordering_crop_and_batch_selection():
-    model = make_model()
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_descriptors_follow_beam_reordering_crop_and_batch_selection(positions):
+    model = make_model(position_embedding_type=positions)
     input_ids, attention_mask = source(model)
     out = model.generate(
         input_ids,
@@ -117,7 +134,10 @@ def test_descriptors_follow_beam_reordering_crop_and_batch_selection():
     cache = out.cache
     for layer in cache.self_attention_cache.layers + cache.cross_attention_cache.layers:
         assert layer.block_sums is not None
-        assert_descriptors_match_keys(layer)
+        assert_descriptors_match_keys(layer, model)
+    assert all(
+        (layer.routing_keys is not None) == (positions == "rope") for layer in cache.self_attention_cache.layers
+    )
     # the cross-attention descriptors cover the padded encoder keys with their mask
     cross = cache.cross_attention_cache.layers[0]
     assert cross.key_mask.shape == (6, 23) and cross.block_counts[-1].tolist() == [4, 4, 4, 4, 4, 0]  # 20 real tokens
@@ -128,7 +148,7 @@ def test_descriptors_follow_beam_reordering_crop_and_batch_selection():
     cache.reorder_cache(torch.tensor([5, 4, 3, 2, 1, 0]))
     for layer in cache.self_attention_cache.layers + cache.cross_attention_cache.layers:
         assert layer.keys.shape[0] == 6
-        assert_descriptors_match_keys(layer)
+        assert_descriptors_match_keys(layer, model)
     assert cache.self_attention_cache.layers[0].keys.shape[2] == length - 5
 
 
