@@ -11,8 +11,8 @@ Without dropout the attention of a chunk is PyTorch's fused CPU flash-attention 
 ops behind `scaled_dot_product_attention`), which also returns the row log-sum-exp the backward pass needs; measured
 10-25% faster here than softmax and matmuls of our own. It has no dropout, so with dropout the chunk runs as a
 masked softmax with plain batched matmuls, and the backward pass is written out the same way. Either way the forward
-saves only q, k, v, the output and the row log-sum-exp, and the backward recomputes each chunk's scores: the saved
-state is O(N * d), not the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
+saves only q, k, v (in the kernel's layout and compute dtype), the output and the row log-sum-exp, and the backward
+recomputes each chunk's scores: the saved state is O(N * d), not the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
 slow twin this is tested against.
 """
 
@@ -286,17 +286,17 @@ class _GatherAttention(torch.autograd.Function):
                     attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
                 )  # fmt: skip
                 out[chunk], lse[chunk] = chunk_out[:, 0], chunk_lse[:, 0]
-        ctx.save_for_backward(query, key, value, out, lse)
+        # q, k, v are saved in the kernel's layout (copies of the inputs, which are then free): the backward pass
+        # does not copy them again
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.dropout, ctx.seed = layout, scale, dropout, seed
+        ctx.input_dtypes = (query.dtype, key.dtype, value.dtype)
         return layout.from_tiles(out).to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         layout, scale, dropout, seed = ctx.layout, ctx.scale, ctx.dropout, ctx.seed
-        q = layout.to_tiles(query)
-        k = layout.to_blocks(key)
-        v = layout.to_blocks(value)
         grad_o = layout.to_tiles(grad_out.contiguous())
         # Gradients are written into three N x d buffers and returned as views of them: peak memory stays at what dense
         # SDPA's backward needs (its three gradients) plus one chunk's workspace.
@@ -315,9 +315,10 @@ class _GatherAttention(torch.autograd.Function):
                 )  # fmt: skip
                 grad_q[chunk] = chunk_grad_q[:, 0]
                 _add_to_blocks(layout, chunk, grad_k, grad_keys, grad_v, grad_values)
-        grad_query = layout.from_tiles(grad_q).to(query.dtype)
-        grad_key = layout.from_blocks(grad_k).to(key.dtype)
-        grad_value = layout.from_blocks(grad_v).to(value.dtype)
+        query_dtype, key_dtype, value_dtype = ctx.input_dtypes
+        grad_query = layout.from_tiles(grad_q).to(query_dtype)
+        grad_key = layout.from_blocks(grad_k).to(key_dtype)
+        grad_value = layout.from_blocks(grad_v).to(value_dtype)
         return grad_query, grad_key, grad_value, None, None, None, None
 
 
