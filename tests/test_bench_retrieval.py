@@ -231,6 +231,20 @@ def test_training_and_evaluation_run(bench, tokenizer, documents):
     assert len(result["predictions"]) == 3 and 0.0 <= result["accuracy"] <= 1.0
 
 
+def test_training_steps_are_timed_per_model_and_length(bench, tokenizer, documents):
+    settings = dict(
+        bench.CONFIG, **TINY, models=["dualroute", "window"], stages=[[128, 2], [256, 1]], batch_tokens=512
+    )
+    models = bench.build_models(settings, max_length=256, vocab_size=tokenizer.vocab_size)
+    times = bench.time_training_steps(models, bench.RetrievalTask(tokenizer, documents), settings, steps=1, rounds=2)
+    assert set(times) == {"dualroute", "window"} and all(set(t) == {"128", "256"} for t in times.values())
+    assert all(seconds > 0 for t in times.values() for seconds in t.values())
+    assert bench.training_cost(times["window"], settings["stages"]) == pytest.approx(
+        2 * times["window"]["128"] + times["window"]["256"]
+    )
+    assert not any(model.training for model in models.values())
+
+
 def test_key_share(bench):
     settings = dict(bench.CONFIG, block_size=16, top_k=16, bigbird_block_size=32, num_random_blocks=3)
     assert bench.key_share("dense", 4096, settings) == 1.0
@@ -270,6 +284,10 @@ def synthetic_payload(bench) -> dict:
             }
             for name, preds in predictions.items()
         },
+        "step_seconds": {
+            "dualroute": {str(n): 0.5 for n, _ in config["stages"]},
+            "dense": {str(n): 1.0 for n, _ in config["stages"]},
+        },
     }
 
 
@@ -281,6 +299,9 @@ def test_render_builds_the_readme_table(bench):
     assert lines[4].split(" | ")[:6] == ["| sliding window", "1024", "50%", "100%", "0%", "**50%**"]
     assert "CLS block reads the fact (per layer)" in lines[0]
     assert lines[2].split(" | ")[6] == "75% / 75%"  # per layer: share of examples whose CLS block read the fact
+    steps = sum(s for _, s in bench.CONFIG["stages"])  # dense: 1 s per step, DualRoute 0.5 s
+    assert lines[2].split(" | ")[7] == f"{steps * 0.5 / 60:.1f} min (0.50× dense) |"
+    assert lines[4].split(" | ")[7] == "- |"  # the window's steps were not timed
     assert len(lines) == 2 + 4
 
 
