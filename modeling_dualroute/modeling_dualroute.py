@@ -269,9 +269,8 @@ class DualRouteAttention(nn.Module):
                 self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
                 new_key_mask = None if key_mask is None else key_mask[:, -input_shape[1] :]
                 routing_key = kwargs.pop("routing_key", None)
-                extra = {} if routing_key is None else {"routing_keys": routing_key}
                 key, value = self_cache.update(
-                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask, **extra
+                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask, routing_keys=routing_key
                 )
                 layer_cache = self_cache.layers[self.layer_idx]
                 if routing_key is not None and not isinstance(layer_cache, DualRouteCacheLayer):
