@@ -596,45 +596,6 @@ def by_depth(depths: list[float], correct: list[bool], bins: int) -> list[float 
     return [h / n if n else None for h, n in zip(hits, counts)]
 
 
-def estimate(models: dict, task: RetrievalTask, eval_sets: dict, settings: dict, steps: int = 2) -> dict:
-    """Predicted run time: per model and stage length, ``steps`` timed training steps after an untimed one, and one
-    timed eval batch per length after an untimed one, scaled to the curriculum and the eval sets. The models are
-    trained a little on the way (this is for planning only)."""
-    out = {}
-    for name, model in models.items():
-        optimizer, schedule = make_optimizer(model, settings)
-        rng = random.Random("estimate")
-        model.train()
-        per_step = {}
-        for length in sorted({n for n, _ in settings["stages"]}):
-            batches = [task.batch(rng, length, batch_size_for(length, settings)) for _ in range(steps + 1)]
-            train_step(model, batches[0], optimizer, schedule)
-            started = time.perf_counter()
-            for batch in batches[1:]:
-                train_step(model, batch, optimizer, schedule)
-            per_step[length] = (time.perf_counter() - started) / steps
-        per_example = {}
-        block_size = settings["block_size"] if name in ROUTED else None
-        for length, examples in eval_sets.items():
-            chunk = examples[: settings["eval_batch_size"]]
-            evaluate(model, chunk, settings["eval_batch_size"], block_size)
-            per_example[length] = evaluate(model, chunk, settings["eval_batch_size"], block_size)[
-                "seconds_per_example"
-            ]
-        train_s = sum(per_step[n] * k for n, k in settings["stages"])
-        eval_s = sum(per_example[n] * len(eval_sets[n]) for n in eval_sets)
-        out[name] = {
-            "train_step_seconds": {str(n): t for n, t in per_step.items()},
-            "eval_seconds_per_example": {str(n): t for n, t in per_example.items()},
-            "train_seconds": train_s,
-            "eval_seconds": eval_s,
-        }
-        print(f"  {name}: train {train_s / 60:.1f} min + eval {eval_s / 60:.1f} min", flush=True)
-    total = sum(r["train_seconds"] + r["eval_seconds"] for r in out.values())
-    print(f"estimated total: {total / 60:.1f} min (plus ~1 min of data preparation) at this machine's current load")
-    return out
-
-
 def time_training_steps(models: dict, task: RetrievalTask, settings: dict, steps: int = 3, rounds: int = 3) -> dict:
     """Median seconds per training step, per model and curriculum length: ``rounds`` rounds of ``steps`` timed steps
     each (after one untimed step), the models taking turns within each round. The step cost does not depend on the
