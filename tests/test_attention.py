@@ -45,6 +45,16 @@ def assert_close_all(actual, expected, atol, rtol=1e-4):
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_matches_reference(query, key, value, options, backend, atol=2e-5, rtol=1e-4):
+    """``backend`` gives the `reference` backend's output and gradients of q, k, v."""
+    assert_close_all(
+        output_and_grads(query, key, value, options, backend),
+        output_and_grads(query, key, value, options, "reference"),
+        atol=atol,
+        rtol=rtol,
+    )
+
+
 # -- the reference backend is the contract -----------------------------------------------------------------------------
 
 
@@ -72,9 +82,7 @@ def test_reference_matches_loop_oracle(p):
 @given(routing_problems())
 def test_gather_matches_reference_forward_and_backward(p):
     query, key, value, options = make_inputs(p, requires_grad=True)
-    expected = output_and_grads(query, key, value, options, "reference")
-    actual = output_and_grads(query, key, value, options, "gather")
-    assert_close_all(actual, expected, atol=2e-5)
+    assert_matches_reference(query, key, value, options, "gather")
 
 
 @pytest.mark.parametrize(
@@ -94,11 +102,7 @@ def test_gather_matches_reference_fixed_cases(kind, q_len, k_len, block_size, to
         top_k=top_k, global_blocks=global_blocks, padding=padding, seed=q_len * k_len,
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
-    assert_close_all(
-        output_and_grads(query, key, value, options, "gather"),
-        output_and_grads(query, key, value, options, "reference"),
-        atol=2e-5,
-    )
+    assert_matches_reference(query, key, value, options, "gather")
 
 
 @given(routing_problems())
@@ -164,11 +168,7 @@ def test_single_query_decoding_matches_reference(p, strided_cache):
         t.requires_grad_(True)
     _, info = routed_attention_with_plan(query, key, value, backend="gather", need_plan=False, **options)
     assert info["backend"] == "gather"
-    assert_close_all(
-        output_and_grads(query, key, value, options, "gather"),
-        output_and_grads(query, key, value, options, "reference"),
-        atol=2e-5,
-    )
+    assert_matches_reference(query, key, value, options, "gather")
 
 
 @pytest.mark.parametrize("kind", ["causal", "cross"])
@@ -180,11 +180,7 @@ def test_single_query_decoding_with_and_without_masks(kind, k_len, padding):
         global_blocks=1, padding=padding, seed=k_len,
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
-    assert_close_all(
-        output_and_grads(query, key, value, options, "gather"),
-        output_and_grads(query, key, value, options, "reference"),
-        atol=2e-5,
-    )
+    assert_matches_reference(query, key, value, options, "gather")
 
 
 def test_single_query_decoding_reads_only_the_selected_blocks(monkeypatch):
@@ -444,12 +440,7 @@ def test_flex_cuda_forward_and_backward_match_reference(kind, dtype):
         if options[name] is not None:
             options[name] = options[name].cuda()
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
-    assert_close_all(
-        output_and_grads(query, key, value, options, "flex"),
-        output_and_grads(query, key, value, options, "reference"),
-        atol=tol,
-        rtol=tol,
-    )
+    assert_matches_reference(query, key, value, options, "flex", atol=tol, rtol=tol)
 
 
 @pytest.mark.slow
