@@ -12,8 +12,8 @@ ops behind `scaled_dot_product_attention`), which also returns the row log-sum-e
 10-25% faster here than softmax and matmuls of our own. It has no dropout, so with dropout the chunk runs as a
 masked softmax with plain batched matmuls, and the backward pass is written out the same way. Either way the forward
 saves only q, k, v (in the kernel's layout and compute dtype), the output and the row log-sum-exp, and the backward
-recomputes each chunk's scores: the saved state is O(N * d), not the O(N * k * B * d) of the gathered blocks. `reference` in `attention_dualroute.py` is the
-slow twin this is tested against.
+recomputes each chunk's scores: the saved state is O(N * d), not the O(N * k * B * d) of the gathered blocks.
+`reference` in `attention_dualroute.py` is the slow twin this is tested against.
 """
 
 from __future__ import annotations
