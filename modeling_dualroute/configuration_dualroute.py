@@ -214,6 +214,12 @@ class DualRouteConfig(PreTrainedConfig):
             raise ValueError(f"`hidden_size` ({self.hidden_size}) must be a multiple of `{heads_name}` ({heads}).")
         if kv_heads < 1 or heads % kv_heads != 0:
             raise ValueError(f"`{heads_name}` ({heads}) must be a multiple of `{kv_name}` ({kv_heads}).")
+        if self.position_embedding_type == "rope" and (self.hidden_size // heads) % 2:
+            raise ValueError(
+                f"rotary positions turn pairs of dimensions, so the head size `hidden_size` / `{heads_name}` = "
+                f"{self.hidden_size} / {heads} = {self.hidden_size // heads} must be even with "
+                "position_embedding_type='rope'."
+            )
 
     @staticmethod
     def _check_layer_types(name: str, layer_types, count_name: str, count: int) -> None:

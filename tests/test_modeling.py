@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modeling_dualroute import DualRouteConfig, DualRouteForSequenceClassification, DualRouteModel
-from modeling_dualroute.modeling_dualroute import apply_rotary
+from modeling_dualroute.modeling_dualroute import DualRouteRotaryEmbedding, apply_rotary, apply_rotary_reference
 from modeling_dualroute.routing_dualroute import route_blocks
 
 from helpers import random_batch, tiny_config
@@ -32,6 +34,11 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
             dict(num_key_value_heads=3),
             ValueError,
             "`num_attention_heads` (4) must be a multiple of `num_key_value_heads` (3)",
+        ),
+        (
+            dict(hidden_size=36, position_embedding_type="rope"),
+            ValueError,
+            "`hidden_size` / `num_attention_heads` = 36 / 4 = 9 must be even",
         ),
         (dict(layer_types=["full_attention"]), ValueError, "`layer_types` must have one entry per layer"),
         (dict(layer_types=["x", "full_attention"]), ValueError, "`layer_types` entries must be in"),
@@ -119,6 +126,43 @@ def test_rope_models_route_on_the_vectors_before_or_after_the_rotation(before_ro
             global_blocks=config.route_global_blocks,
         )
         assert torch.equal(plan, expected)
+
+
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    length=st.integers(1, 9),
+    half=st.integers(1, 8),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_equals_the_textbook_formula_in_output_and_gradient(batch, heads, length, half, transposed, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if transposed:  # as the attention module passes it: a (b, l, h, d) projection viewed as (b, h, l, d)
+        x = torch.randn(batch, length, heads, 2 * half, generator=generator).transpose(1, 2)
+    else:
+        x = torch.randn(batch, heads, length, 2 * half, generator=generator)
+    positions = torch.randint(0, 10_000, (batch, length), generator=generator)
+    rotary = DualRouteRotaryEmbedding(tiny_config(position_embedding_type="rope"), 2 * half)
+    cos, sin = rotary(positions, torch.float32)
+    grad = torch.randn(batch, heads, length, 2 * half, generator=generator)
+    outputs, grads = [], []
+    for rotate in (apply_rotary, apply_rotary_reference):
+        leaf = x.detach().clone().requires_grad_()
+        out = rotate(leaf, cos, sin)
+        out.backward(grad)
+        outputs.append(out)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotary_in_half_precision_equals_the_textbook_formula(dtype):
+    x = torch.randn(2, 3, 11, 16).to(dtype)
+    cos, sin = DualRouteRotaryEmbedding(tiny_config(position_embedding_type="rope"), 16)(torch.arange(11)[None], dtype)
+    expected = apply_rotary_reference(x.float(), cos.float(), sin.float())
+    torch.testing.assert_close(apply_rotary(x, cos, sin).float(), expected, atol=2e-2, rtol=1e-2)
 
 
 def test_return_dict_false_gives_a_tuple():
