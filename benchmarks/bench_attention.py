@@ -5,7 +5,8 @@
 
 Settings: batch 1, 8 heads, head_dim 64, block 64, top-k 8, one global block, float32, bidirectional (the encoder)
 plus a causal row per length. Each backend is checked against the `reference` backend at N = 1024 before timing.
-Times are medians; speedups are ratios to dense SDPA measured in the same run; peak memory is measured in a fresh
+Times are medians, the methods and lengths of a pass taking turns (a round runs each once, so the machine's drift
+moves them alike); speedups are ratios to dense SDPA measured in the same run; peak memory is measured in a fresh
 process per (method, mode, N).
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from modeling_dualroute import route_blocks, routed_attention
 
-from common import machine, markdown_table, measure_in_fresh_process, peak_extra_memory_mb, time_call, write_json
+from common import machine, markdown_table, measure_in_fresh_process, peak_extra_memory_mb, time_in_turns, write_json
 
 
 CONFIG = dict(batch=1, heads=8, head_dim=64, block_size=64, top_k=8, global_blocks=1, dtype="float32")
@@ -112,24 +113,31 @@ def main(argv=None):
     checks = check_backends()
     print("correctness vs reference at N=1024 (max abs error):", {k: f"{v:.1e}" for k, v in checks.items()})
     rows = []
-    plan = [(n, False) for n in args.lengths] + [(n, True) for n in args.causal_lengths]
-    for n, causal in plan:
+    for causal, lengths in ((False, args.lengths), (True, args.causal_lengths)):
         for mode in ("forward", "forward_backward"):
-            for method in METHODS if mode == "forward" else TRAINING_METHODS:
-                warmup, repeats = repeats_for(n, method)
-                timing = time_call(
-                    step(method, mode, n, causal), repeats=repeats, warmup=max(warmup, method == "flex")
-                )
+            # every (N, method) of a pass takes turns, so that the machine's drift over minutes moves all of them alike
+            # (the targets compare methods at one N and one method across N)
+            calls = {}
+            for n in lengths:
+                for method in METHODS if mode == "forward" else TRAINING_METHODS:
+                    warmup, repeats = repeats_for(n, method)
+                    calls[n, method] = (step(method, mode, n, causal), max(warmup, method == "flex"), repeats)
+            for (n, method), timing in time_in_turns(calls).items():
                 row = dict(n=n, causal=causal, mode=mode, method=method, **timing)
                 if not args.no_memory:
                     child = measure_in_fresh_process(__file__, ["--memory", method, mode, str(n), str(int(causal))])
                     row["peak_extra_mb"] = child["peak_extra_mb"]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
+            del calls
         if not causal:
-            q, k, _ = make_inputs(n, requires_grad=False)
-            routing = time_call(lambda q=q, k=k: route_blocks(q, k, **ROUTING), repeats=5)
-            rows.append(dict(n=n, causal=False, mode="routing", method="route_blocks", **routing))
+            calls = {}
+            for n in lengths:
+                q, k, _ = make_inputs(n, requires_grad=False)
+                calls[n] = (lambda q=q, k=k: route_blocks(q, k, **ROUTING), 1, 5)
+            for n, timing in time_in_turns(calls).items():
+                rows.append(dict(n=n, causal=False, mode="routing", method="route_blocks", **timing))
+    rows.sort(key=lambda r: (r["causal"], r["n"]))  # per N: forward, forward+backward, routing (a stable sort)
 
     summary = summarize(rows)
     payload = {

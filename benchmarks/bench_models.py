@@ -22,7 +22,8 @@ attention_mask, no global tokens).
 
 Measured per (layers, N, model): forward latency under `torch.no_grad` (eval mode), forward+backward latency (train
 mode, loss = sum(last_hidden_state * a fixed random tensor)), and peak extra memory of each, in a fresh process. Times
-are medians; ratios are taken against the other models measured in the same run. A combination is skipped, and
+are medians, every (N, model) of a pass taking turns (a round runs each once, so the machine's drift over the pass
+moves them alike); ratios are taken against the other models measured in the same run. A combination is skipped, and
 recorded with the reason, when its estimated or measured peak memory exceeds `--max-memory-gb`, when its run time,
 extrapolated from the smaller lengths, exceeds `--max-run-seconds`, or when it fails. Before timing, DualRoute with
 top-k covering every block is checked against the same weights run with `attn_implementation="sdpa"`.
@@ -64,7 +65,7 @@ from common import (  # noqa: E402
     markdown_table,
     measure_in_fresh_process,
     peak_extra_memory_mb,
-    time_call,
+    time_in_turns,
     write_json,
 )
 
@@ -409,57 +410,66 @@ def measure_memory_child(args, name: str, mode: str, n: int, layers: int) -> Non
         limit_address_space(args.max_memory_gb)
         if args.memory_warmup:
             run()  # warm up; what it frees is handed back before measuring
-        result = {"peak_extra_mb": peak_extra_memory_mb(run), "attention": attention_in_use(name, model)}
+        started = time.perf_counter()
+        peak = peak_extra_memory_mb(run)
+        seconds = time.perf_counter() - started  # the guards of longer inputs extrapolate from it
+        result = {"peak_extra_mb": peak, "seconds": seconds, "attention": attention_in_use(name, model)}
     except (RuntimeError, MemoryError) as error:  # an allocation past the address-space limit
         result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     print(json.dumps(result))
 
 
-def measure(args, name: str, mode: str, n: int, layers: int, history: list) -> dict:
-    """One row: skipped (with the reason) or timed, with peak memory from a fresh process."""
+def prepare(args, name: str, mode: str, n: int, layers: int, history: list) -> tuple[dict, tuple | None]:
+    """One row's guards, peak memory (in a fresh process) and warm-up run: ``(row, (run, repeats))`` for
+    `time_in_turns`, or ``(row, None)`` when the row is skipped (the row says why). Appends the row's time, from the
+    warm-up or the memory run, to ``history``, which the guards of the longer inputs extrapolate from."""
     row = dict(model=name, layers=layers, n=n, mode=mode)
     sizes = dict(hidden=args.hidden, heads=args.heads, intermediate=args.intermediate)
     estimate = estimate_memory_gb(name, mode, n, layers, hidden=args.hidden, heads=args.heads)
     row["estimated_memory_gb"] = round(estimate, 2)
     if estimate > args.max_memory_gb:
         row["skipped"] = f"estimated peak memory {estimate:.1f} GB > --max-memory-gb {args.max_memory_gb}"
-        return row
+        return row, None
     predicted = predict_seconds(history, n)
     if predicted is not None:
         row["predicted_s"] = round(predicted, 2)
         if predicted > args.max_run_seconds:
             row["skipped"] = f"predicted {predicted:.0f} s per run > --max-run-seconds {args.max_run_seconds}"
-            return row
+            return row, None
+    seconds = predicted
+    warmup, repeats = repeats_for(n, predicted, args.repeats)
     if not args.no_memory:
         # runs of tens of seconds are measured without a warm-up run (on CPU it only saves one-off allocations)
-        warm = ["--memory-warmup", "0" if predicted is not None and predicted > 30 else "1"]
         try:
             child = measure_in_fresh_process(
                 __file__,
-                ["--memory", name, mode, str(n), str(layers), *size_args(args), *warm],
+                ["--memory", name, mode, str(n), str(layers), *size_args(args), "--memory-warmup", str(warmup)],
                 timeout=args.child_timeout,
             )
         except Exception as error:  # killed (OOM killer, timeout) or crashed
             row["skipped"] = f"memory run failed: {str(error).strip().splitlines()[-1][:300]}"
-            return row
+            return row, None
         if "error" in child:
             row["skipped"] = f"memory run failed under the {args.max_memory_gb} GB cap: {child['error']}"
-            return row
+            return row, None
         row["peak_extra_mb"] = child["peak_extra_mb"]
+        seconds = child["seconds"]
         if child["peak_extra_mb"] > args.max_memory_gb * 1024:
             row["skipped"] = f"peak memory {child['peak_extra_mb'] / 1024:.1f} GB > --max-memory-gb"
-            return row
+            return row, None
     try:
         run, model = step(name, mode, n, layers, **sizes)
-        warmup, repeats = repeats_for(n, predicted, args.repeats)
-        row.update(time_call(run, repeats=repeats, warmup=warmup))
+        for _ in range(warmup):
+            started = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - started
         row["attention"] = attention_in_use(name, model)
-        del run, model
     except (RuntimeError, MemoryError) as error:
         row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        return row
-    history.append((n, row["median_s"]))
-    return row
+        return row, None
+    if seconds is not None:
+        history.append((n, seconds))
+    return row, (run, repeats)
 
 
 def main(argv=None):
@@ -496,13 +506,24 @@ def main(argv=None):
     models = args.models if "dualroute" in args.models else ["dualroute", *args.models]
     rows = []
     for layers in sorted(args.layers):
-        history = {(name, mode): [] for name in models for mode in args.modes}
-        for n in lengths:
-            for mode in args.modes:
+        for mode in args.modes:
+            # guards, memory and warm-up one (N, model) at a time, then all of them timed taking turns: the machine's
+            # drift over the pass moves every model and length alike (the targets compare models at one N and one
+            # model across N)
+            history = {name: [] for name in models}
+            calls = {}
+            for n in lengths:
                 for name in models:
-                    row = measure(args, name, mode, n, layers, history[name, mode])
+                    row, call = prepare(args, name, mode, n, layers, history[name])
                     rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
+                    print(json.dumps(row), flush=True)
+                    if call is not None:
+                        run, repeats = call
+                        calls[len(rows) - 1] = (run, 0, repeats)
+            for index, timing in time_in_turns(calls).items():
+                rows[index].update(timing)
+                print(json.dumps({k: v for k, v in rows[index].items() if k != "runs_s"}), flush=True)
+            del calls
 
     config = {
         **{k: getattr(args, k) for k in ("hidden", "heads", "intermediate")},

@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: timing medians, peak memory in a fresh process, machine facts, JSON output.
+"""Shared helpers for the benchmarks: timing medians (alone or taking turns), peak memory in a fresh process, machine facts, JSON output.
 
 Figures on a shared 2-core machine are noisy, so every benchmark reports medians and ratios against a baseline
 measured in the same run, and keeps the raw runs in its JSON.
@@ -64,6 +64,24 @@ def time_call(fn, *, repeats: int, warmup: int = 1) -> dict:
         fn()
         runs.append(time.perf_counter() - start)
     return {"median_s": statistics.median(runs), "runs_s": runs}
+
+
+def time_in_turns(calls: dict) -> dict:
+    """Times several callables taking turns: ``calls`` maps a key to ``(fn, warmup, repeats)``; each round runs every
+    callable once (those with repeats left), so a machine whose speed drifts over minutes moves them all alike.
+    Returns, per key, the median and every run in seconds."""
+    for fn, warmup, _ in calls.values():
+        for _ in range(warmup):
+            fn()
+    runs = {key: [] for key in calls}
+    for round_index in range(max((repeats for _, _, repeats in calls.values()), default=0)):
+        for key, (fn, _, repeats) in calls.items():
+            if round_index < repeats:
+                gc.collect()
+                start = time.perf_counter()
+                fn()
+                runs[key].append(time.perf_counter() - start)
+    return {key: {"median_s": statistics.median(times), "runs_s": times} for key, times in runs.items() if times}
 
 
 def _status_mb(field: str) -> float:

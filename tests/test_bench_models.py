@@ -106,3 +106,30 @@ def test_summarize_without_the_target_lengths(bench):
             **bench.summarize(rows),
         }
     )
+
+
+def test_main_times_every_length_and_model_taking_turns(bench, tmp_path, monkeypatch):
+    order = []
+    step = bench.step
+
+    def recording_step(name, mode, n, layers, **sizes):
+        run, model = step(name, mode, n, layers, **sizes)
+
+        def recorded():
+            order.append((name, n))
+            run()
+
+        return recorded, model
+
+    monkeypatch.setattr(bench, "step", recording_step)
+    out = tmp_path / "models.json"
+    sizes = ["--hidden", "64", "--heads", "2", "--intermediate", "128"]
+    bench.main(["--lengths", "256", "512", "--layers", "1", "--modes", "forward", "--repeats", "2", "--no-memory",
+                "--models", "dualroute", "bert", "--out", str(out), *sizes])  # fmt: skip
+    payload = __import__("json").loads(out.read_text())
+    timed = [r for r in payload["rows"] if "median_s" in r]
+    assert {(r["model"], r["n"]) for r in timed} == {(m, n) for m in ("dualroute", "bert") for n in (256, 512)}
+    assert all(len(r["runs_s"]) == 2 for r in timed)
+    # one warm-up each while preparing, then two rounds in which every (model, N) runs once
+    points = [("dualroute", 256), ("bert", 256), ("dualroute", 512), ("bert", 512)]
+    assert order == points + points + points
