@@ -95,6 +95,20 @@ class _Pieces:
             self.key_offset = torch.arange(block_size, device=device)
         self.pieces_per_chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.group * block_size))
 
+        # Which pieces need a mask at all: only a block with invalid keys (padding, the ragged tail) or, when causal, a
+        # block that ends after the piece's first token (that token's own block). Every other selected block lies
+        # wholly in the past of all its tokens. Padding rows of a piece need none: their query is the zero row and
+        # what they compute lands on the extra row, which is dropped.
+        needs_mask = torch.zeros(self.n_pieces, dtype=torch.bool, device=device)
+        if self.key_valid is not None:
+            needs_mask |= ~self.key_valid.all(-1)[self.piece_block]
+        if causal:
+            real = self.piece_rows < self.n_rows
+            big = query_offset + self.q_len + self.n_key_blocks * block_size
+            first_position = torch.where(real, self.row_position[self.piece_rows], big).amin(-1)
+            needs_mask |= self.block_start[self.piece_block] + block_size - 1 > first_position
+        self.needs_mask = needs_mask if bool(needs_mask.any()) else None
+
     # -- layouts -------------------------------------------------------------------------------------------------------
 
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,22 +138,60 @@ class _Pieces:
         for start in range(0, self.n_pieces, self.pieces_per_chunk):
             yield slice(start, min(start + self.pieces_per_chunk, self.n_pieces))
 
-    def scores(self, q_rows, k_blocks, chunk: slice, scale: float):
+    def workspace(self) -> dict[str, torch.Tensor]:
+        """Buffers for one chunk, allocated once per pass and reused: a fresh multi-megabyte tensor per chunk costs
+        page faults that measured as a third of a causal call here."""
+        piece_rows = self.pieces_per_chunk * self.rows * self.group
+        sizes = {
+            "queries": piece_rows * self.dim,
+            "keys": self.pieces_per_chunk * self.block_size * self.dim,
+            "values": self.pieces_per_chunk * self.block_size * self.dim,
+            "scores": piece_rows * self.block_size,
+            "grad_scores": piece_rows * self.block_size,
+            "rows_out": piece_rows * self.dim,  # per-row products: weighted values, gradients of the queries
+            "grad_out": piece_rows * self.dim,
+            "block_out": self.pieces_per_chunk * self.block_size * self.dim,  # gradients of a key or value block
+        }
+        device = self.piece_rows.device
+        return {name: torch.empty(size, dtype=self.compute_dtype, device=device) for name, size in sizes.items()}
+
+    @staticmethod
+    def take(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor, shape) -> torch.Tensor:
+        """``source[index]`` written into the workspace ``out`` and viewed as ``shape``."""
+        count = index.numel() * source[0].numel()
+        return torch.index_select(source, 0, index, out=out[:count].view(index.numel(), *source.shape[1:])).view(shape)
+
+    @staticmethod
+    def buffer(out: torch.Tensor, *shape: int) -> torch.Tensor:
+        return out[: math.prod(shape)].view(shape)
+
+    def scores(self, q_rows, k_blocks, chunk: slice, scale: float, work: dict):
         """Gathered queries ``(pieces, rows * group, d)``, keys ``(pieces, block, d)`` and masked scaled scores."""
         rows, blocks = self.piece_rows[chunk], self.piece_block[chunk]
-        pieces = rows.shape[0]
-        queries = q_rows.index_select(0, rows.reshape(-1)).view(pieces, self.rows * self.group, self.dim)
-        keys = k_blocks.index_select(0, blocks)
-        scores = torch.bmm(queries, keys.transpose(1, 2)).mul_(scale)  # pieces rows*group block
-        visible = (rows < self.n_rows)[:, :, None, None]  # padding rows see nothing
+        pieces, height = rows.shape[0], self.rows * self.group
+        queries = self.take(q_rows, rows.reshape(-1), work["queries"], (pieces, height, self.dim))
+        keys = self.take(k_blocks, blocks, work["keys"], (pieces, self.block_size, self.dim))
+        scores = self.buffer(work["scores"], pieces, height, self.block_size)
+        torch.baddbmm(scores, queries, keys.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
+        if self.needs_mask is not None:
+            self.mask(scores, chunk)
+        return queries, keys, scores
+
+    def mask(self, scores: torch.Tensor, chunk: slice) -> None:
+        """Sets the invisible scores of the chunk's pieces that need a mask to ``-inf``."""
+        masked = self.needs_mask[chunk].nonzero().squeeze(1)
+        if masked.numel() == 0:
+            return
+        rows, blocks = self.piece_rows[chunk][masked], self.piece_block[chunk][masked]
+        visible = torch.ones(1, 1, 1, self.block_size, dtype=torch.bool, device=scores.device)
         if self.key_valid is not None:
-            visible = visible & self.key_valid[blocks][:, None, None, :]
+            visible = self.key_valid[blocks][:, None, None, :]
         if self.causal:
             key_position = self.block_start[blocks][:, None] + self.key_offset  # pieces block
             visible = visible & (key_position[:, None, None, :] <= self.row_position[rows][:, :, None, None])
-        scores = scores.view(pieces, self.rows, self.group, self.block_size)
-        scores.masked_fill_(~visible, float("-inf"))
-        return queries, keys, scores.view(pieces, self.rows * self.group, self.block_size)
+        part = scores.index_select(0, masked).view(masked.numel(), self.rows, self.group, self.block_size)
+        part.masked_fill_(~visible, float("-inf"))
+        scores.index_copy_(0, masked, part.view(masked.numel(), self.rows * self.group, self.block_size))
 
     def row_index(self, chunk: slice) -> torch.Tensor:
         """Flat ``(row, group head)`` index of every score row of the chunk: ``(pieces * rows * group,)``."""
@@ -153,19 +205,22 @@ class _TokenGatherAttention(torch.autograd.Function):
         q_rows, k_blocks, v_blocks = pieces.to_rows(query), pieces.to_blocks(key), pieces.to_blocks(value)
         n = (pieces.n_rows + 1) * pieces.group
         row_max = torch.full((n,), float("-inf"), dtype=q_rows.dtype, device=q_rows.device)
+        work = pieces.workspace()
         for chunk in pieces.chunks():  # pass 1: each row's maximum over all its pieces
-            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
             row_max.scatter_reduce_(0, pieces.row_index(chunk), scores.amax(-1).reshape(-1), reduce="amax")
         row_max = row_max.nan_to_num_(neginf=0.0)  # rows with no visible key
         row_sum = torch.zeros(n, dtype=q_rows.dtype, device=q_rows.device)
         out = torch.zeros(n, pieces.dim, dtype=q_rows.dtype, device=q_rows.device)
         for chunk in pieces.chunks():  # pass 2: exponentials, their sums and the weighted values
-            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
             index = pieces.row_index(chunk)
             probs = scores.sub_(row_max[index].view(scores.shape[:2] + (1,))).exp_()
             row_sum.index_add_(0, index, probs.sum(-1).reshape(-1))
-            values = v_blocks.index_select(0, pieces.piece_block[chunk])
-            out.index_add_(0, index, torch.bmm(probs, values).reshape(-1, pieces.dim))
+            blocks = pieces.piece_block[chunk]
+            values = pieces.take(v_blocks, blocks, work["values"], (blocks.numel(), pieces.block_size, pieces.dim))
+            weighted = pieces.buffer(work["rows_out"], *probs.shape[:2], pieces.dim)
+            out.index_add_(0, index, torch.bmm(probs, values, out=weighted).view(-1, pieces.dim))
         empty = row_sum == 0
         out = out / row_sum.masked_fill(empty, 1.0)[:, None]
         lse = (row_max + row_sum.log()).masked_fill_(empty, float("inf"))
@@ -182,19 +237,24 @@ class _TokenGatherAttention(torch.autograd.Function):
         delta = (grad_rows * out).sum(-1)  # rowsum(dO * O)
         grad_q = torch.zeros_like(grad_rows)
         grad_k, grad_v = torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        work = pieces.workspace()
         for chunk in pieces.chunks():
-            queries, keys, scores = pieces.scores(q_rows, k_blocks, chunk, scale)
+            queries, keys, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
             index = pieces.row_index(chunk)
-            shape = scores.shape[:2] + (1,)
+            count, height = scores.shape[:2]
+            shape = (count, height, 1)
             probs = scores.sub_(lse[index].view(shape)).exp_()
             blocks = pieces.piece_block[chunk]
-            values = v_blocks.index_select(0, blocks)
-            grad_o = grad_rows.index_select(0, index).view(scores.shape[0], scores.shape[1], pieces.dim)
-            grad_v.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), grad_o))
-            grad_scores = torch.bmm(grad_o, values.transpose(1, 2)).sub_(delta[index].view(shape)).mul_(probs)
+            values = pieces.take(v_blocks, blocks, work["values"], (count, pieces.block_size, pieces.dim))
+            grad_o = pieces.take(grad_rows, index, work["grad_out"], (count, height, pieces.dim))
+            block_out = pieces.buffer(work["block_out"], count, pieces.block_size, pieces.dim)
+            grad_v.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), grad_o, out=block_out))
+            grad_scores = pieces.buffer(work["grad_scores"], count, height, pieces.block_size)
+            torch.bmm(grad_o, values.transpose(1, 2), out=grad_scores).sub_(delta[index].view(shape)).mul_(probs)
             grad_scores.mul_(scale)  # d(loss)/d(raw scores q.k): the gradients need no scaling afterwards
-            grad_q.index_add_(0, index, torch.bmm(grad_scores, keys).reshape(-1, pieces.dim))
-            grad_k.index_add_(0, blocks, torch.bmm(grad_scores.transpose(1, 2), queries))
+            rows_out = pieces.buffer(work["rows_out"], count, height, pieces.dim)
+            grad_q.index_add_(0, index, torch.bmm(grad_scores, keys, out=rows_out).view(-1, pieces.dim))
+            grad_k.index_add_(0, blocks, torch.bmm(grad_scores.transpose(1, 2), queries, out=block_out))
         grad_query = pieces.from_rows(grad_q.view(pieces.n_rows + 1, pieces.group, pieces.dim))
         return (
             grad_query.to(query.dtype),

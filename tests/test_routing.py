@@ -168,7 +168,7 @@ def test_select_blocks_forced_and_candidates(q_blocks, n_key_blocks, top_k, glob
     scores = torch.randint(0, 3, (1, 1, q_blocks, n_key_blocks), generator=generator).float()
     counts = torch.randint(0, 2, (1, n_key_blocks), generator=generator)
     plan = select_blocks(
-        scores,
+        scores.clone(),  # it overwrites its scores
         counts,
         block_size=4,
         top_k=top_k,
