@@ -57,3 +57,15 @@ def test_summarize_pools_the_runs_of_the_one_cpu_kernel(bench):
     assert targets["training_speedup_8k"]["value"] == pytest.approx(160.0 * 4 / 4.0)
     text = bench.render({"config": bench.CONFIG, "rows": rows, **bench.summarize(rows)})
     assert "forward_growth_per_doubling_4k_32k" in text and "**no**" in text
+
+
+def test_growth_comes_from_the_scaling_rows_when_measured(bench):
+    rows = synthetic_rows() + [
+        dict(n=n, causal=False, mode="scaling", method="auto", median_s=t, runs_s=[t] * 8)
+        for n, t in ((4096, 1.0), (8192, 2.1), (16384, 4.4))
+    ]
+    growth = bench.summarize(rows)["targets"]["forward_growth_per_doubling_4k_32k"]
+    assert growth["all"] == pytest.approx([2.1, 4.4 / 2.1]) and growth["met"]
+    assert growth["main_pass"] == pytest.approx([2.0, 2.5]) and growth["measured_in"].startswith("scaling")
+    text = bench.render({"config": bench.CONFIG, "rows": rows, **bench.summarize(rows)})
+    assert "Scaling, `auto` alone, forward, the lengths taking turns (8 rounds): 4k 1000 ms, 8k 2100 ms" in text
