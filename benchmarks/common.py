@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: timing medians (alone or taking turns), peak memory in a fresh process, machine facts, JSON output.
+"""Shared helpers for the benchmarks: timing medians (alone or taking turns), peak memory in a fresh process,
+machine facts, JSON output.
 
 Figures on a shared 2-core machine are noisy, so every benchmark reports medians and ratios against a baseline
 measured in the same run, and keeps the raw runs in its JSON.

@@ -158,8 +158,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Equal to `apply_rotary_reference`, in two passes over ``x`` instead of about six (the reference's ``rotate_half``
     copies ``x`` twice before three full-size products and sums); at long N the rotation of q and k is memory-bound
-    and cost as much as a tenth of a layer's forward.
+    and cost as much as a tenth of a layer's forward. The output has ``x``'s dtype.
     """
+    if torch.compiler.is_compiling():  # the compiler fuses the textbook formula into one pass (and cannot trace out=)
+        return apply_rotary_reference(x, cos, sin).to(x.dtype)
     return _Rotary.apply(x, cos, sin)
 
 

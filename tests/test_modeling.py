@@ -351,8 +351,9 @@ def test_gradients_reach_every_parameter():
 
 
 @pytest.mark.slow
-def test_torch_compile_forward_matches_eager():
-    model = eval_model(num_labels=2, route_backend="gather")
+@pytest.mark.parametrize("positions", ["absolute", "rope"])
+def test_torch_compile_forward_matches_eager(positions):
+    model = eval_model(num_labels=2, route_backend="gather", position_embedding_type=positions)
     input_ids, attention_mask = random_batch(model.config, length=24)
     expected = model(input_ids, attention_mask=attention_mask).logits
     compiled = torch.compile(model, fullgraph=True)  # one graph: routing takes no data-dependent Python branch
