@@ -2,6 +2,8 @@
 
     python benchmarks/bench_models.py                       # N = 1k ... 16k, 1 and 6 layers -> results/models_cpu.json
     python benchmarks/bench_models.py --include-32k         # adds N = 32k where the memory cap allows
+    python benchmarks/bench_models.py --layers 1 --repeats 3   # the README's 1-layer table (models_cpu.json)
+    python benchmarks/bench_models.py --layers 6 --lengths 1024 2048 4096 8192 --repeats 3 --out models_cpu_6layers.json
     python benchmarks/bench_models.py --lengths 1024 2048 --layers 1 --repeats 1 --out /tmp/models_quick.json
 
 Every model is built from a config with random weights (nothing comes from the Hub) at the same shape: hidden 512,

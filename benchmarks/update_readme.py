@@ -23,6 +23,7 @@ README = HERE.parent / "README.md"
 SOURCES = {
     "attention_cpu": "bench_attention.py",
     "models_cpu": "bench_models.py",
+    "models_cpu_6layers": "bench_models.py",
     "generate_cpu": "bench_generate.py",
     "fidelity_minilm": "bench_fidelity.py",
     "retrieval": "bench_retrieval.py",
