@@ -18,6 +18,7 @@ recomputes each chunk's scores: the saved state is O(N * d), not the O(N * k * B
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,17 @@ SCORE_ELEMENTS_PER_CHUNK = 1 << 19
 # Query rows per tile when routing per token: tiles gather the union of their rows' blocks, so smaller tiles waste less
 # work on blocks a row did not choose, larger tiles give larger matmuls.
 PER_TOKEN_TILE_SIZE = 16
+
+
+def workspace_view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first elements of a flat workspace ``buffer`` (allocated once per pass, reused by every chunk: a fresh
+    multi-megabyte tensor per chunk costs page faults), viewed as ``shape``."""
+    return buffer[: math.prod(shape)].view(shape)
+
+
+def select_into(source: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``source[index]`` (rows along dim 0), written into the workspace ``buffer``."""
+    return torch.index_select(source, 0, index, out=workspace_view(buffer, index.numel(), *source.shape[1:]))
 
 
 @dataclass
@@ -196,10 +208,7 @@ class _Layout:
 
     def gather(self, blocks: torch.Tensor, chunk: slice, out: torch.Tensor) -> torch.Tensor:
         """The chunk's slot blocks, ``(tiles, slots * block_size, d)``, written into the workspace ``out``."""
-        index = self.flat_blocks[chunk].reshape(-1)
-        out = out[: index.numel() * self.block_size * self.dim].view(index.numel(), self.block_size, self.dim)
-        torch.index_select(blocks, 0, index, out=out)
-        return out.view(-1, self.keys_per_tile, self.dim)
+        return select_into(blocks, self.flat_blocks[chunk].reshape(-1), out).view(-1, self.keys_per_tile, self.dim)
 
     def mask(self, chunk: slice) -> torch.Tensor | None:
         """Visibility ``(tiles, rows | 1, slots * block_size)`` of the chunk's scores, or ``None`` when all visible."""
@@ -229,7 +238,7 @@ class _Layout:
         mask = self.mask(chunk)
         if mask is None:
             return None
-        bias = out[: mask.numel()].view(mask.shape)
+        bias = workspace_view(out, *mask.shape)
         bias.zero_().masked_fill_(~mask, float("-inf"))
         return bias[:, None]
 
@@ -238,9 +247,7 @@ class _Layout:
     ) -> torch.Tensor:
         """Scaled, masked scores ``(tiles, rows, keys)`` of the chunk (masked entries ``-inf``), into ``out``."""
         queries = q[chunk]
-        out = out[: queries.shape[0] * self.rows * self.keys_per_tile].view(
-            queries.shape[0], self.rows, self.keys_per_tile
-        )
+        out = workspace_view(out, queries.shape[0], self.rows, self.keys_per_tile)
         torch.baddbmm(out, queries, keys.transpose(1, 2), beta=0.0, alpha=scale, out=out)
         mask = self.mask(chunk)
         if mask is not None:
@@ -353,7 +360,7 @@ def _backward_with_dropout(q, k, v, out, lse, grad_o, layout: _Layout, scale, dr
         keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
         probs = layout.scores(q, keys, chunk, scale, work["scores"])
         probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
-        grad_probs = work["grad_probs"][: probs.numel()].view(probs.shape)
+        grad_probs = workspace_view(work["grad_probs"], *probs.shape)
         torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
         keep = _dropout_keep(probs.shape, dropout, seed, index, probs.device).to(probs.dtype) / (1.0 - dropout)
         grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])

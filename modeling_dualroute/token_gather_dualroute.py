@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .gather_dualroute import select_into, workspace_view
 from .routing_dualroute import num_blocks
 
 
@@ -139,8 +140,8 @@ class _Pieces:
             yield slice(start, min(start + self.pieces_per_chunk, self.n_pieces))
 
     def workspace(self, *names: str) -> dict[str, torch.Tensor]:
-        """Buffers for one chunk, allocated once per pass and reused: a fresh multi-megabyte tensor per chunk costs
-        page faults that measured as a third of a causal call here."""
+        """Buffers for one chunk, allocated once per pass and reused (`workspace_view`): fresh multi-megabyte tensors
+        per chunk cost page faults that measured as a third of a causal call here."""
         piece_rows = self.pieces_per_chunk * self.rows * self.group
         sizes = {
             "queries": piece_rows * self.dim,
@@ -155,23 +156,13 @@ class _Pieces:
         device = self.piece_rows.device
         return {name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device) for name in names}
 
-    @staticmethod
-    def take(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor, shape) -> torch.Tensor:
-        """``source[index]`` written into the workspace ``out`` and viewed as ``shape``."""
-        count = index.numel() * source[0].numel()
-        return torch.index_select(source, 0, index, out=out[:count].view(index.numel(), *source.shape[1:])).view(shape)
-
-    @staticmethod
-    def buffer(out: torch.Tensor, *shape: int) -> torch.Tensor:
-        return out[: math.prod(shape)].view(shape)
-
     def scores(self, q_rows, k_blocks, chunk: slice, scale: float, work: dict):
         """Gathered queries ``(pieces, rows * group, d)``, keys ``(pieces, block, d)`` and masked scaled scores."""
         rows, blocks = self.piece_rows[chunk], self.piece_block[chunk]
         pieces, height = rows.shape[0], self.rows * self.group
-        queries = self.take(q_rows, rows.reshape(-1), work["queries"], (pieces, height, self.dim))
-        keys = self.take(k_blocks, blocks, work["keys"], (pieces, self.block_size, self.dim))
-        scores = self.buffer(work["scores"], pieces, height, self.block_size)
+        queries = select_into(q_rows, rows.reshape(-1), work["queries"]).view(pieces, height, self.dim)
+        keys = select_into(k_blocks, blocks, work["keys"])
+        scores = workspace_view(work["scores"], pieces, height, self.block_size)
         torch.baddbmm(scores, queries, keys.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
         if self.needs_mask is not None:
             self.mask(scores, chunk)
@@ -218,8 +209,8 @@ class _TokenGatherAttention(torch.autograd.Function):
             probs = scores.sub_(row_max[index].view(scores.shape[:2] + (1,))).exp_()
             row_sum.index_add_(0, index, probs.sum(-1).reshape(-1))
             blocks = pieces.piece_block[chunk]
-            values = pieces.take(v_blocks, blocks, work["values"], (blocks.numel(), pieces.block_size, pieces.dim))
-            weighted = pieces.buffer(work["rows_out"], *probs.shape[:2], pieces.dim)
+            values = select_into(v_blocks, blocks, work["values"])
+            weighted = workspace_view(work["rows_out"], *probs.shape[:2], pieces.dim)
             out.index_add_(0, index, torch.bmm(probs, values, out=weighted).view(-1, pieces.dim))
         empty = row_sum == 0
         out = out / row_sum.masked_fill(empty, 1.0)[:, None]
@@ -247,14 +238,14 @@ class _TokenGatherAttention(torch.autograd.Function):
             shape = (count, height, 1)
             probs = scores.sub_(lse[index].view(shape)).exp_()
             blocks = pieces.piece_block[chunk]
-            values = pieces.take(v_blocks, blocks, work["values"], (count, pieces.block_size, pieces.dim))
-            grad_o = pieces.take(grad_rows, index, work["grad_out"], (count, height, pieces.dim))
-            block_out = pieces.buffer(work["block_out"], count, pieces.block_size, pieces.dim)
+            values = select_into(v_blocks, blocks, work["values"])
+            grad_o = select_into(grad_rows, index, work["grad_out"]).view(count, height, pieces.dim)
+            block_out = workspace_view(work["block_out"], count, pieces.block_size, pieces.dim)
             grad_v.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), grad_o, out=block_out))
-            grad_scores = pieces.buffer(work["grad_scores"], count, height, pieces.block_size)
+            grad_scores = workspace_view(work["grad_scores"], count, height, pieces.block_size)
             torch.bmm(grad_o, values.transpose(1, 2), out=grad_scores).sub_(delta[index].view(shape)).mul_(probs)
             grad_scores.mul_(scale)  # d(loss)/d(raw scores q.k): the gradients need no scaling afterwards
-            rows_out = pieces.buffer(work["rows_out"], count, height, pieces.dim)
+            rows_out = workspace_view(work["rows_out"], count, height, pieces.dim)
             grad_q.index_add_(0, index, torch.bmm(grad_scores, keys, out=rows_out).view(-1, pieces.dim))
             grad_k.index_add_(0, blocks, torch.bmm(grad_scores.transpose(1, 2), queries, out=block_out))
         grad_query = pieces.from_rows(grad_q.view(pieces.n_rows + 1, pieces.group, pieces.dim))
