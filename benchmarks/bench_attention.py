@@ -128,7 +128,8 @@ def main(argv=None):
         path = RESULTS / args.out
         payload = json.loads(path.read_text())
         rows = [r for r in payload["rows"] if r["mode"] != "scaling"] + measure_scaling(args.lengths)
-        payload.update(summarize(rows), rows=sorted(rows, key=lambda r: (r["causal"], r["n"])))
+        rows.sort(key=row_order)
+        payload.update(summarize(rows), rows=rows)
         write_json(args.out, payload)
         print(render(payload))
         return
@@ -161,7 +162,7 @@ def main(argv=None):
             for n, timing in time_in_turns(calls).items():
                 rows.append(dict(n=n, causal=False, mode="routing", method="route_blocks", **timing))
     rows += measure_scaling(args.lengths)
-    rows.sort(key=lambda r: (r["causal"], r["n"]))  # per N: forward, forward+backward, routing, scaling (stable)
+    rows.sort(key=row_order)
 
     summary = summarize(rows)
     payload = {
@@ -187,15 +188,18 @@ def measure_scaling(lengths: list[int], rounds: int = 8) -> list[dict]:
     ]
 
 
+def row_order(row: dict) -> tuple:
+    """Sort key of the JSON's rows; a stable sort keeps, per N, forward, forward+backward, routing, scaling."""
+    return row["causal"], row["n"]
+
+
+def _matching(rows, **match) -> list[dict]:
+    return [row for row in rows if all(row.get(k) == v for k, v in match.items())]
+
+
 def _median(rows, **match):
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row["median_s"]
-    return None
-
-
-def _is(row: dict, n: int, method: str) -> bool:
-    return (row["n"], row["causal"], row["mode"], row["method"]) == (n, False, "forward", method)
+    found = _matching(rows, **match)
+    return found[0]["median_s"] if found else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -211,7 +215,8 @@ def summarize(rows: list[dict]) -> dict:
         """DualRoute's forward at ``n``: the faster of `flex` and the CPU kernel. On CPU `auto` runs `gather`, so their
         rows are two samples of one kernel: the median of their runs pooled, not the faster of two medians (which on
         this noisy machine reads ~10% low)."""
-        kernel = [t for r in rows if _is(r, n, "gather") or _is(r, n, "auto") for t in r["runs_s"]]
+        forward = dict(n=n, causal=False, mode="forward")
+        kernel = [t for m in ("gather", "auto") for r in _matching(rows, method=m, **forward) for t in r["runs_s"]]
         times = [
             statistics.median(kernel) if kernel else None,
             _median(rows, n=n, causal=False, mode="forward", method="flex"),
@@ -290,11 +295,12 @@ def render(payload: dict) -> str:
         if table:
             out.append(("Causal" if causal else "Bidirectional") + " attention, " + describe(payload["config"]))
             out.append(markdown_table(["N", "pass"] + [f"{m}" for m in METHODS], table))
-    scaling = sorted((r["n"], r["median_s"]) for r in rows if r["mode"] == "scaling")
+    scaling = sorted(_matching(rows, mode="scaling"), key=lambda r: r["n"])
     if scaling:
         out.append(
-            f"Scaling, `auto` alone, forward, the lengths taking turns ({len(next(r for r in rows if r['mode'] == 'scaling')['runs_s'])} "
-            "rounds): " + ", ".join(f"{n // 1024}k {t * 1000:.0f} ms" for n, t in scaling) + "."
+            f"Scaling, `auto` alone, forward, the lengths taking turns ({len(scaling[0]['runs_s'])} rounds): "
+            + ", ".join(f"{r['n'] // 1024}k {r['median_s'] * 1000:.0f} ms" for r in scaling)
+            + "."
         )
     targets = payload.get("targets", {})
     if targets:
