@@ -21,6 +21,8 @@ meet one contract: the output equals dense softmax attention under the mask
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .decode_dualroute import decode_attention
@@ -226,7 +228,7 @@ def routed_attention_with_plan(
     backend: str = "auto",
     need_weights: bool = False,
     need_plan: bool = True,
-    key_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_descriptors: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     routing_query: torch.Tensor | None = None,
     routing_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
@@ -234,7 +236,9 @@ def routed_attention_with_plan(
     ``need_plan`` is False, since dense attention then needs none), ``backend`` (what ran) and ``weights``
     (``(b, hq, lq, lk)`` when ``need_weights``, which runs the reference backend). ``routing_query`` /
     ``routing_key`` (shaped like ``query`` / ``key``): what level 1 routes on instead of ``query`` / ``key``, e.g.
-    the vectors before a rotary position embedding; level 2 always attends with ``query`` and ``key``."""
+    the vectors before a rotary position embedding; level 2 always attends with ``query`` and ``key``.
+    ``key_descriptors``: see `route_blocks` (a cache passes its reader, so that a call that runs dense attention,
+    e.g. over a decoder's first ``top_k`` blocks, never computes descriptors)."""
     check_backend(backend)
     key_padding_mask, query_padding_mask = check_routing_inputs(
         query,
@@ -331,7 +335,7 @@ def visibility_mask(
     mask = None
     if key_valid is not None:
         mask = key_valid[:, None, None, :]
-    if causal:
+    if causal and query_offset < k_len - 1:  # otherwise every query sits at the last key (a decoding step): sees all
         visible = causal_visibility(q_len, k_len, query_offset, device)
         mask = visible[None, None] if mask is None else mask & visible
     return mask

@@ -3,12 +3,13 @@
 
 `DualRouteCacheLayer` is a transformers `DynamicLayer` registered for the layer type ``"dualroute_attention"``:
 `DynamicCache(config=...)` builds it for every routed decoder layer (self-attention and cross-attention caches
-alike). Besides keys and values it keeps, per key block, the float32 sum of the visible keys and their count:
+alike). Besides keys and values it keeps, per key block, the float32 sum of the visible keys and their count. They
+are computed when routing first asks for them (`key_descriptors`), and from then on only where keys changed:
 
 - decoder self-attention: each step only the block being filled (the open block) is recomputed; closed blocks stay
-  frozen;
-- cross-attention: the encoder's descriptors are computed once, when the encoder keys enter the cache, and reused at
-  every generated token.
+  frozen. While the decoder holds at most ``top_k`` blocks its attention is dense and asks for none;
+- cross-attention: the encoder's descriptors are computed once, at the first routed step, and reused at every
+  generated token.
 
 With ``routing_keys`` (RoPE models that route before the rotation, ``route_before_rope``) the descriptors are means of
 those instead of the attended keys; the layer keeps them next to the keys, so the open block and a crop can be
@@ -29,7 +30,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .configuration_dualroute import ROUTED_ATTENTION
-from .routing_dualroute import block_sums, num_blocks
+from .routing_dualroute import block_sums
 
 
 class DualRouteCacheLayer(DynamicLayer):
@@ -43,6 +44,7 @@ class DualRouteCacheLayer(DynamicLayer):
         self.block_size: int | None = None
         self.block_sums: torch.Tensor | None = None  # (batch, kv_heads, blocks, head_dim) float32
         self.block_counts: torch.Tensor | None = None  # (batch, blocks) visible keys per block
+        self.stale_from: int | None = None  # the blocks from the one holding this key position on are out of date
         self._means: tuple = (
             None,
             None,
@@ -59,18 +61,16 @@ class DualRouteCacheLayer(DynamicLayer):
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         *args,
-        block_size: int | None = None,
         key_mask: torch.Tensor | None = None,
         write_once: bool = False,
         routing_keys: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends keys/values (and their padding mask, ``True`` = real); refreshes the blocks they touched.
+        """Appends keys/values (and their padding mask, ``True`` = real); marks the blocks they touch out of date.
 
-        Without ``block_size`` (dense attention) the layer behaves like a plain `DynamicLayer`; descriptors are then
-        computed on demand by `key_descriptors`. ``write_once``: these are all the keys the layer will ever hold
-        (cross-attention), which lets beam search skip reorders that change nothing. ``routing_keys`` (shaped like
-        ``key_states``): the vectors descriptors average instead of the keys; given at every update or never.
+        ``write_once``: these are all the keys the layer will ever hold (cross-attention), which lets beam search
+        skip reorders that change nothing. ``routing_keys`` (shaped like ``key_states``): the vectors descriptors
+        average instead of the keys; given at every update or never.
         """
         old_length = self.get_seq_length()
         if old_length and (routing_keys is None) != (self.routing_keys is None):
@@ -90,9 +90,11 @@ class DualRouteCacheLayer(DynamicLayer):
                 routing_keys if self.routing_keys is None else torch.cat([self.routing_keys, routing_keys], dim=-2)
             )
         self._append_mask(key_mask, old_length, key_states.shape[-2], key_states.shape[0])
-        if block_size is not None:
-            self._refresh(block_size, first_changed=old_length)
+        self._mark_stale(old_length)
         return keys, values
+
+    def _mark_stale(self, position: int) -> None:
+        self.stale_from = position if self.stale_from is None else min(self.stale_from, position)
 
     def _append_mask(self, key_mask, old_length: int, new_length: int, batch: int) -> None:
         if key_mask is None and self.key_mask is None:
@@ -109,6 +111,7 @@ class DualRouteCacheLayer(DynamicLayer):
         first_block = (
             first_changed // block_size if self.block_size == block_size and self.block_sums is not None else 0
         )
+        self.stale_from = None
         start = first_block * block_size
         mask = None if self.key_mask is None else self.key_mask[:, start:]
         averaged = self.keys if self.routing_keys is None else self.routing_keys
@@ -122,9 +125,10 @@ class DualRouteCacheLayer(DynamicLayer):
 
     def key_descriptors(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(means (b, hk, blocks, d) float32, counts (b, blocks))`` of the cached keys, as the router expects."""
-        stale = self.block_size != block_size or self.block_sums is None
-        if stale or self.block_sums.shape[2] != num_blocks(self.get_seq_length(), block_size):
+        if self.block_size != block_size or self.block_sums is None:
             self._refresh(block_size, first_changed=0)
+        elif self.stale_from is not None:
+            self._refresh(block_size, first_changed=self.stale_from)
         cached_for, means = self._means
         if cached_for is not self.block_sums:  # sums are replaced, never changed in place: identity means unchanged
             means = self.block_sums / self.block_counts.clamp(min=1)[:, None, :, None].to(self.block_sums.dtype)
@@ -195,8 +199,7 @@ class DualRouteCacheLayer(DynamicLayer):
             self.key_mask = self.key_mask[:, :length]
         if self.routing_keys is not None:
             self.routing_keys = self.routing_keys[:, :, :length]
-        if self.block_size is not None:  # blocks up to the new end are recomputed from the kept keys
-            self._refresh(self.block_size, first_changed=length)
+        self._mark_stale(length)  # the block holding the new end is recomputed from the kept keys
 
     def reset(self) -> None:
         super().reset()

@@ -48,13 +48,14 @@ def decode_attention(
 
     selected = plan[:, :, 0]  # b hk k
     top_k = selected.shape[-1]
-    offsets = torch.arange(block_size, device=query.device)
     # Known from the shapes alone (no data-dependent check): with no padding, whole blocks and at least top_k candidate
-    # blocks, every slot holds a block and every key in it is visible, so the step needs no mask at all (a decoding
-    # query is the last key, so causality hides nothing from it).
+    # blocks, every slot holds a block and every key in it is visible, so the step needs no mask at all (a causal
+    # decoding query is the last key, so causality hides nothing from it).
     candidates = num_blocks(query_offset + 1 if causal else k_len, block_size)
-    needs_mask = key_valid is not None or k_len % block_size != 0 or candidates < top_k or query_offset < k_len - 1
+    last_key = causal and query_offset == k_len - 1
+    needs_mask = key_valid is not None or k_len % block_size != 0 or candidates < top_k or causal and not last_key
     if needs_mask:
+        offsets = torch.arange(block_size, device=query.device)
         token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
         visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
         if causal:
@@ -62,10 +63,10 @@ def decode_attention(
         token = token.clamp(max=k_len - 1)  # the ragged tail and empty slots read a real key, masked below
         if key_valid is not None:
             visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
+        keys, values = _select_tokens(token, key, value)  # b hk k*B d
     else:
-        token = (selected[..., None] * block_size + offsets).flatten(2)
-
-    keys, values = (t.to(compute_dtype) for t in _select_tokens(token, key, value))  # b hk k*B d
+        keys, values = _select_whole_blocks(selected, block_size, key, value)
+    keys, values = keys.to(compute_dtype), values.to(compute_dtype)
 
     q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype) * scale  # the group's heads share the routing
     scores = torch.matmul(q, keys.transpose(-1, -2))  # b hk g k*B
@@ -77,6 +78,20 @@ def decode_attention(
         probs = torch.softmax(scores, dim=-1)
     output = torch.matmul(probs, values)  # b hk g d
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
+
+
+def _select_whole_blocks(selected: torch.Tensor, block_size: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x[b, h, tokens of blocks selected[b, h]]`` as ``(b, h, k*B, d)`` for each ``x`` whose length is a whole number
+    of blocks: a cache's keys are contiguous, so one `index_select` of whole blocks (``B * d`` values each, a plain
+    copy) instead of one per token; other layouts go through `_select_tokens`."""
+    batch, heads, length, dim = tensors[0].shape
+    if not all(x.is_contiguous() for x in tensors):
+        offsets = torch.arange(block_size, device=selected.device)
+        return _select_tokens((selected[..., None] * block_size + offsets).flatten(2), *tensors)
+    n_blocks = length // block_size
+    rows = (selected + n_blocks * torch.arange(batch * heads, device=selected.device).view(batch, heads, 1)).view(-1)
+    shape = (batch, heads, selected.shape[-1] * block_size, dim)
+    return tuple(x.view(-1, block_size * dim).index_select(0, rows).view(shape) for x in tensors)
 
 
 def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -10,6 +10,7 @@ checkpoints convert weight for weight (`conversion.py`); RoPE is available for m
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,7 +278,6 @@ class DualRouteAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         routing = self.routed and self.config._attn_implementation == "dualroute"
-        block_size = self.config.route_block_size if routing else None
         key_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         layer_cache = None
         if self.is_cross_attention:
@@ -290,9 +290,7 @@ class DualRouteAttention(nn.Module):
                 key = self.k_proj(key_value_states).view(kv_shape).transpose(1, 2)
                 value = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)
                 if cross_cache is not None:
-                    key, value = cross_cache.update(
-                        key, value, self.layer_idx, block_size=block_size, key_mask=key_mask, write_once=True
-                    )
+                    key, value = cross_cache.update(key, value, self.layer_idx, key_mask=key_mask, write_once=True)
                     cache.is_updated[self.layer_idx] = True
                     layer_cache = cross_cache.layers[self.layer_idx]
         else:
@@ -307,7 +305,7 @@ class DualRouteAttention(nn.Module):
                 new_key_mask = None if key_mask is None else key_mask[:, -input_shape[1] :]
                 routing_key = kwargs.pop("routing_key", None)
                 key, value = self_cache.update(
-                    key, value, self.layer_idx, block_size=block_size, key_mask=new_key_mask, routing_keys=routing_key
+                    key, value, self.layer_idx, key_mask=new_key_mask, routing_keys=routing_key
                 )
                 layer_cache = self_cache.layers[self.layer_idx]
                 if routing_key is not None and not isinstance(layer_cache, DualRouteCacheLayer):
@@ -317,7 +315,8 @@ class DualRouteAttention(nn.Module):
                         "DynamicCache(config=model.config) (generate() builds it), or set route_before_rope=False."
                     )
         if routing and isinstance(layer_cache, DualRouteCacheLayer):
-            kwargs["key_descriptors"] = layer_cache.key_descriptors(block_size)  # no re-reading of cached keys
+            # no re-reading of cached keys; asked for only if this call routes
+            kwargs["key_descriptors"] = functools.partial(layer_cache.key_descriptors, self.config.route_block_size)
         return self._attend(query, key, value, attention_mask, input_shape, **kwargs)
 
     def _attend(self, query, key, value, attention_mask, input_shape, **kwargs):

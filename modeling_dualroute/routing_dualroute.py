@@ -17,6 +17,7 @@ would let a token's route depend on later tokens).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -216,24 +217,23 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     index and ``-inf`` entries are never chosen.
 
     Fast path: ``torch.topk`` picks the right *set* whenever the k-th and (k+1)-th values differ. Only rows with a tie
-    across that boundary (or with fewer than k choosable entries) go through the exact rule.
+    across that boundary go through the exact rule; a row with fewer than k choosable entries is one of them (its k-th
+    and (k+1)-th values are both ``-inf``), so the fast path never returns a ``-inf`` entry.
     """
     n = scores.shape[-1]
     k = min(top_k, n)
-    top = scores.topk(min(k + 1, n), dim=-1)
-    values, indices = top.values[..., :k], top.indices[..., :k]
-    indices = torch.where(values == float("-inf"), n, indices)  # n sorts after every real index
-    indices = indices.sort(dim=-1).values
-    if k < n:
+    if k == n:  # every choosable entry
+        indices = indices_from_selection(scores > float("-inf"), k)
+    else:
+        top = scores.topk(k + 1, dim=-1)
+        indices = top.indices[..., :k].sort(dim=-1).values
         boundary_tie = top.values[..., k - 1] == top.values[..., k]
         if torch.compiler.is_compiling():  # a traced graph takes no data-dependent branch: exact rule on every row
             exact = indices_from_selection(top_k_lowest_index_ties(scores, k), k)
-            indices = torch.where(boundary_tie[..., None], torch.where(exact < 0, n, exact), indices)
+            indices = torch.where(boundary_tie[..., None], exact, indices)
         elif boundary_tie.any():
             rows = boundary_tie.nonzero(as_tuple=True)
-            exact = indices_from_selection(top_k_lowest_index_ties(scores[rows], k), k)
-            indices[rows] = torch.where(exact < 0, n, exact)
-    indices = torch.where(indices == n, -1, indices)
+            indices[rows] = indices_from_selection(top_k_lowest_index_ties(scores[rows], k), k)
     if top_k > k:
         indices = torch.nn.functional.pad(indices, (0, top_k - k), value=-1)
     return indices
@@ -282,6 +282,18 @@ def select_blocks(
     """
     batch, kv_heads, rows, n_key_blocks = scores.shape
     device = scores.device
+    if rows == 1:  # one row (cached decoding): the rules as slices at known positions, a few ops instead of masks
+        scores[..., :global_blocks] = float("inf")
+        if routes_per_token(causal, cross):
+            if causal:
+                own = (query_offset + row_offset) // block_size
+                scores[..., own] = float("inf")
+                scores[..., own + 1 :] = float("-inf")  # blocks that start after the query
+        else:
+            scores[..., row_offset] = float("inf")
+        # last, so that a forced block without a visible key is not chosen either
+        scores.masked_fill_((key_counts == 0)[:, None, None, :], float("-inf"))
+        return top_k_indices(scores, top_k)
     block = torch.arange(n_key_blocks, device=device)
     candidate = (key_counts > 0)[:, None, None, :]  # b 1 1 nk: a block with no visible key is never a candidate
     forced = (block < global_blocks)[None, None, None, :]
@@ -308,7 +320,7 @@ def route_blocks(
     key_padding_mask: torch.Tensor | None = None,
     query_padding_mask: torch.Tensor | None = None,
     global_blocks: int = 0,
-    key_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_descriptors: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.LongTensor:
     """Level 1: selects, for every query block (bidirectional) or query token (causal / cross), ``top_k`` key blocks.
 
@@ -321,7 +333,8 @@ def route_blocks(
         cross: cross-attention (queries over another sequence); no own block is forced.
         key_padding_mask / query_padding_mask: ``(batch, len)`` bool, ``True`` = real token.
         global_blocks: the first blocks, always kept (CLS / attention-sink tokens).
-        key_descriptors: precomputed ``(means (b, hk, nk, d) float32, counts (b, nk))``, e.g. from a cache.
+        key_descriptors: precomputed ``(means (b, hk, nk, d) float32, counts (b, nk))``, e.g. from a cache, or a
+            function of no arguments that returns them (called only if routing runs).
 
     Returns:
         ``(batch, kv_heads, n_query_blocks, top_k)`` for bidirectional self-attention, else
@@ -368,12 +381,14 @@ def _route_checked(
     key_padding_mask: torch.Tensor | None,
     query_padding_mask: torch.Tensor | None,
     global_blocks: int,
-    key_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_descriptors: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.LongTensor:
     """`route_blocks` without the input checks (the caller has run `check_routing_inputs`)."""
     with torch.no_grad():  # the discrete choice is not differentiated
         if key_descriptors is None:
             key_descriptors = block_descriptors(key, block_size, key_padding_mask)
+        elif callable(key_descriptors):  # a cache's reader, asked only now that routing runs
+            key_descriptors = key_descriptors()
         key_means, key_counts = key_descriptors
         per_token = routes_per_token(causal, cross)
         query_offset = key.shape[2] - query.shape[2] if causal else 0

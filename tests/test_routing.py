@@ -185,6 +185,34 @@ def test_select_blocks_forced_and_candidates(q_blocks, n_key_blocks, top_k, glob
         assert plan[0, 0, i].tolist() == want + [-1] * (top_k - len(want))
 
 
+@given(
+    kind=st.sampled_from(["bidirectional", "causal", "cross"]),
+    rows=st.integers(2, 6),
+    n_key_blocks=st.integers(2, 7),
+    top_k=st.integers(2, 6),
+    global_blocks=st.integers(0, 1),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_row_routed_alone_equals_the_row_routed_with_others(kind, rows, n_key_blocks, top_k, global_blocks, seed):
+    """`select_blocks` on one row (a decoding step) takes its own path: slices at known positions instead of masks.
+    The multi-row path is its oracle, with many exact ties and blocks without visible keys."""
+    block_size = 3
+    causal, cross = kind == "causal", kind == "cross"
+    if kind == "bidirectional":
+        rows = min(rows, n_key_blocks)
+    query_offset = n_key_blocks * block_size - rows if causal else 0  # causal rows: the last positions (rows <= 6)
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (2, 1, rows, n_key_blocks), generator=generator).float()
+    counts = torch.randint(0, 2, (2, n_key_blocks), generator=generator)
+    options = dict(block_size=block_size, top_k=top_k, causal=causal, cross=cross, global_blocks=global_blocks)
+    together = select_blocks(scores.clone(), counts, query_offset=query_offset, **options)
+    for row in range(rows):
+        alone = select_blocks(
+            scores[:, :, row : row + 1].clone(), counts, query_offset=query_offset, row_offset=row, **options
+        )
+        assert torch.equal(alone, together[:, :, row : row + 1])
+
+
 # -- end to end against the loop oracle --------------------------------------------------------------------------------
 
 

@@ -105,7 +105,7 @@ def test_sampling_and_num_return_sequences():
     assert out.shape[0] == 6
 
 
-def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None):
+def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None, block_size=4):
     """Descriptors equal those recomputed from the cached keys (RoPE: from the routing keys, which must rotate into
     the cached keys at positions 0, 1, ...)."""
     averaged = layer.keys
@@ -114,9 +114,11 @@ def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None):
         positions = torch.arange(layer.keys.shape[2])[None].expand(layer.keys.shape[0], -1)
         rotated = apply_rotary(averaged, *model.decoder.rotary(positions, averaged.dtype))
         torch.testing.assert_close(rotated, layer.keys, atol=1e-5, rtol=1e-5)
-    expected_sums, expected_counts = block_sums(averaged, layer.block_size, layer.key_mask)
+    means, counts = layer.key_descriptors(block_size)  # brings out-of-date blocks up to date, and only those
+    expected_sums, expected_counts = block_sums(averaged, block_size, layer.key_mask)
     torch.testing.assert_close(layer.block_sums, expected_sums, atol=1e-5, rtol=1e-5)
-    assert torch.equal(layer.block_counts, expected_counts)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(means * counts.clamp(min=1)[:, None, :, None], expected_sums, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
@@ -173,7 +175,7 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     layer = DualRouteCacheLayer()
     keys = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)  # rows 0 = 1 and 2 = 3, like 2 inputs x 2 beams
     values = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)
-    layer.update(keys, values, block_size=4, write_once=True)
+    layer.update(keys, values, write_once=True)
     stored = layer.keys
     layer.reorder_cache(torch.tensor([1, 0, 3, 2]))
     assert layer.keys is stored  # nothing moved
@@ -188,12 +190,27 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     assert_descriptors_match_keys(layer)
 
 
+def test_descriptors_are_computed_only_for_calls_that_route():
+    """While the decoder holds at most top_k (2) blocks its self-attention is dense: its cache computes no
+    descriptors. The encoder's 6 blocks are routed from the first step."""
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True
+    )
+    assert all(layer.block_sums is None for layer in out.cache.self_attention_cache.layers)  # 7 keys: 2 blocks
+    assert all(layer.block_sums is not None for layer in out.cache.cross_attention_cache.layers)
+
+
 def test_a_broken_reorder_is_caught():
     """The descriptor check above can fail: descriptors not reordered with the keys no longer match them."""
     model = make_model()
     input_ids, attention_mask = source(model)
-    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True
+    )
     layer = out.cache.self_attention_cache.layers[0]
+    assert layer.block_sums is not None  # 3 blocks > top_k: decoding routed, with the cache's descriptors
     layer.keys = layer.keys.flip(0)  # keys reordered, descriptors not
     with pytest.raises(AssertionError):
         assert_descriptors_match_keys(layer)
