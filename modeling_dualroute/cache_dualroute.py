@@ -7,15 +7,15 @@ alike). Besides keys and values it keeps, per key block, the float32 sum of the 
 are computed when routing first asks for them (`key_descriptors`), and from then on only where keys changed:
 
 - decoder self-attention: each step only the block being filled (the open block) is recomputed; closed blocks stay
-  frozen. While the decoder holds at most ``top_k`` blocks its attention is dense and asks for none;
+  frozen. While the decoder holds at most ``top_k`` blocks, `auto` runs its attention dense and asks for none;
 - cross-attention: the encoder's descriptors are computed once, at the first routed step, and reused at every
   generated token.
 
 With ``routing_keys`` (RoPE models that route before the rotation, ``route_before_rope``) the descriptors are means of
 those instead of the attended keys; the layer keeps them next to the keys, so the open block and a crop can be
 recomputed. Beam search reordering, cropping (assisted decoding) and batch selection/repetition (contrastive search)
-apply to the descriptors and routing keys exactly as to the keys, so descriptors always equal descriptors recomputed
-from the cached (routing) keys.
+apply to the descriptors and routing keys exactly as to the keys, so what `key_descriptors` returns always equals
+descriptors recomputed from the cached (routing) keys (the stored ``block_sums`` may lag behind until it is called).
 
 Cross-attention keys are written once (``write_once=True``) and are the same for every beam of an input: beam search
 expands the encoder output per beam. transformers reorders every cache layer at every step, which for cross-attention
@@ -42,7 +42,8 @@ class DualRouteCacheLayer(DynamicLayer):
 
     def _clear_descriptors(self) -> None:
         self.block_size: int | None = None
-        self.block_sums: torch.Tensor | None = None  # (batch, kv_heads, blocks, head_dim) float32
+        # (batch, kv_heads, blocks, head_dim) float32; up to date only up to `stale_from` (`key_descriptors` refreshes)
+        self.block_sums: torch.Tensor | None = None
         self.block_counts: torch.Tensor | None = None  # (batch, blocks) visible keys per block
         self.stale_from: int | None = None  # the blocks from the one holding this key position on are out of date
         self._means: tuple = (

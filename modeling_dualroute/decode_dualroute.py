@@ -11,8 +11,9 @@ backward. `reference` in `attention_dualroute.py` is the slow twin this is teste
 
 Every step gathers the same amount (1 MB of keys and 1 MB of values per sequence at 8 heads, top-8 of 64-token
 blocks), and on CPU a fresh allocation of that size is mapped afresh by the C allocator and page-faults in at every
-step: at 16k encoder tokens and 4 beams that was ~12,000 page faults per step, most of the step's time. Without
-autograd the gathers therefore go into scratch buffers kept per thread and reused.
+step: at 16k encoder tokens and 4 beams that was ~12,000 page faults per step, most of the step's time. When no input
+needs a gradient (autograd would keep the gathered keys and values) the gathers on CPU therefore go into scratch
+buffers kept per thread and reused, up to `SCRATCH_MAX_ELEMENTS` each.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def decode_attention(
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     compute_dtype = torch.promote_types(query.dtype, torch.float32)  # half inputs are computed in float32
+    # autograd keeps the gathered keys and values (for the query's gradient too): scratch only outside it
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    scratch = query.device.type == "cpu" and not needs_grad and not torch.compiler.is_compiling()
 
     selected = plan[:, :, 0]  # b hk k
     top_k = selected.shape[-1]
@@ -70,9 +74,9 @@ def decode_attention(
         token = token.clamp(max=k_len - 1)  # the ragged tail and empty slots read a real key, masked below
         if key_valid is not None:
             visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
-        keys, values = _select_tokens(token, key, value)  # b hk k*B d
+        keys, values = _select_tokens(token, key, value, scratch=scratch)  # b hk k*B d
     else:
-        keys, values = _select_whole_blocks(selected, block_size, key, value)
+        keys, values = _select_whole_blocks(selected, block_size, key, value, scratch=scratch)
     keys, values = keys.to(compute_dtype), values.to(compute_dtype)
 
     q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype) * scale  # the group's heads share the routing
@@ -87,21 +91,26 @@ def decode_attention(
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
 
 
-def _select_whole_blocks(selected: torch.Tensor, block_size: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _select_whole_blocks(
+    selected: torch.Tensor, block_size: int, *tensors: torch.Tensor, scratch: bool
+) -> tuple[torch.Tensor, ...]:
     """``x[b, h, tokens of blocks selected[b, h]]`` as ``(b, h, k*B, d)`` for each ``x`` whose length is a whole number
     of blocks: a cache's keys are contiguous, so one `index_select` of whole blocks (``B * d`` values each, a plain
     copy) instead of one per token; other layouts go through `_select_tokens`."""
     batch, heads, length, dim = tensors[0].shape
     if not all(x.is_contiguous() for x in tensors):
         offsets = torch.arange(block_size, device=selected.device)
-        return _select_tokens((selected[..., None] * block_size + offsets).flatten(2), *tensors)
+        return _select_tokens((selected[..., None] * block_size + offsets).flatten(2), *tensors, scratch=scratch)
     n_blocks = length // block_size
     rows = (selected + n_blocks * torch.arange(batch * heads, device=selected.device).view(batch, heads, 1)).view(-1)
     shape = (batch, heads, selected.shape[-1] * block_size, dim)
-    return tuple(_index_rows(x.view(-1, block_size * dim), rows, slot).view(shape) for slot, x in enumerate(tensors))
+    return tuple(
+        _index_rows(x.view(-1, block_size * dim), rows, slot if scratch else None).view(shape)
+        for slot, x in enumerate(tensors)
+    )
 
 
-def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor, scratch: bool) -> tuple[torch.Tensor, ...]:
     """``x[b, h, token[b, h, j]]`` as ``(b, h, j, d)`` for each ``x``. A cache's keys are contiguous: one row
     `index_select` over the flattened keys (4x faster on CPU than advanced indexing); other layouts are indexed in
     place rather than copied."""
@@ -112,7 +121,7 @@ def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.T
         if x.is_contiguous():
             if rows is None:
                 rows = (token + length * torch.arange(batch * heads, device=x.device).view(batch, heads, 1)).view(-1)
-            out.append(_index_rows(x.view(-1, dim), rows, len(out)).view(*token.shape, dim))
+            out.append(_index_rows(x.view(-1, dim), rows, len(out) if scratch else None).view(*token.shape, dim))
         else:
             batch_index = torch.arange(batch, device=x.device)[:, None, None]
             head_index = torch.arange(heads, device=x.device)[None, :, None]
@@ -120,23 +129,23 @@ def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.T
     return tuple(out)
 
 
-_scratch = threading.local()
+_scratch = threading.local()  # per thread: two generate() calls in two threads never share a buffer
+
+# A scratch buffer larger than this (64 MB in float32) is not kept: such a batch pays the page faults.
+SCRATCH_MAX_ELEMENTS = 1 << 24
 
 
-def _index_rows(source: torch.Tensor, rows: torch.Tensor, slot: int) -> torch.Tensor:
-    """``source[rows]`` (a 2D ``source``); outside autograd on CPU written into this thread's scratch buffer ``slot``
-    (0: keys, 1: values), which the next step reuses."""
-    if (
-        source.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and source.requires_grad)
-    ):
+def _index_rows(source: torch.Tensor, rows: torch.Tensor, slot: int | None) -> torch.Tensor:
+    """``source[rows]`` (a 2D ``source``), written into this thread's scratch buffer ``slot`` (0: keys, 1: values;
+    ``None``: a fresh tensor), which the next call reuses."""
+    numel = rows.numel() * source.shape[1]
+    if slot is None or numel > SCRATCH_MAX_ELEMENTS:
         return source.index_select(0, rows)
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    numel = rows.numel() * source.shape[1]
     buffer = buffers.get((slot, source.dtype))
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(slot, source.dtype)] = torch.empty(numel, dtype=source.dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buffer = buffers[(slot, source.dtype)] = torch.empty(numel, dtype=source.dtype, device=source.device)
     return torch.index_select(source, 0, rows, out=buffer[:numel].view(rows.numel(), source.shape[1]))
 
 

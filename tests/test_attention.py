@@ -171,21 +171,71 @@ def test_single_query_decoding_matches_reference(p, strided_cache):
     assert_matches_reference(query, key, value, options, "gather")
 
 
-@given(routing_problems(), st.integers(1, 3))
-def test_single_query_decoding_without_autograd_reuses_scratch_safely(p, steps):
-    """Without autograd a decoding step gathers into per-thread scratch buffers reused by the next step (sizes vary
-    between calls): each step still equals the reference, and no output aliases the scratch."""
+@pytest.fixture
+def fresh_scratch(monkeypatch):
+    """The decoding kernel's per-thread scratch buffers, empty for this test."""
+    import threading
+
+    import modeling_dualroute.decode_dualroute as decode
+
+    monkeypatch.setattr(decode, "_scratch", threading.local())
+    return decode._scratch
+
+
+@given(routing_problems(), st.lists(st.integers(0, 2), min_size=1, max_size=3))
+def test_single_query_decoding_without_autograd_reuses_scratch_safely(p, extra_top_k):
+    """Without autograd a decoding step gathers into per-thread scratch buffers that the next step reuses, with a
+    different size (top_k varies): each step still equals the reference, and no output aliases the scratch."""
+    import modeling_dualroute.decode_dualroute as decode
+
     p = {**p, "kind": "cross" if p["kind"] == "bidirectional" else p["kind"], "q_len": 1}
     p["top_k"] = max(p["top_k"], p["global_blocks"] + (p["kind"] != "cross"))
     outputs = []
     with torch.no_grad():
-        for step in range(steps):
-            query, key, value, options = make_inputs({**p, "seed": p["seed"] + step, "k_len": p["k_len"] + 5 * step})
+        for step, extra in enumerate(extra_top_k):
+            step_problem = {**p, "seed": p["seed"] + step, "k_len": p["k_len"] + 5 * step, "top_k": p["top_k"] + extra}
+            query, key, value, options = make_inputs(step_problem)
             out = routed_attention(query, key, value, backend="gather", **options)
             torch.testing.assert_close(out, routed_attention(query, key, value, backend="reference", **options))
             outputs.append((out, out.clone()))
+    assert decode._scratch.buffers  # the scratch path ran
     for out, copy in outputs:
         assert torch.equal(out, copy)
+
+
+def test_single_query_decoding_keeps_what_autograd_needs_out_of_the_scratch(fresh_scratch):
+    """Only the query needs a gradient (frozen keys and values): autograd keeps the gathered keys and values of every
+    step for the backward pass, so none of them may live in a buffer the next step overwrites."""
+    p = dict(
+        kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=256, dim=8, block_size=16, top_k=3,
+        global_blocks=1, padding="none", seed=0,
+    )  # fmt: skip
+    steps = [make_inputs({**p, "seed": seed}) for seed in range(3)]
+    for query, _, _, _ in steps:
+        query.requires_grad_(True)
+    total = sum(routed_attention(q, k, v, backend="gather", **o).square().sum() for q, k, v, o in steps)
+    total.backward()
+    for query, key, value, options in steps:
+        expected = torch.autograd.grad(
+            routed_attention(query, key, value, backend="reference", **options).square().sum(), query
+        )[0]
+        torch.testing.assert_close(query.grad, expected)
+    assert not getattr(fresh_scratch, "buffers", None)
+
+
+def test_single_query_decoding_under_inference_mode_then_no_grad(fresh_scratch):
+    """A scratch buffer first made under `torch.inference_mode()` stays writable in a later `no_grad` step."""
+    p = dict(
+        kind="cross", batch=1, kv_heads=2, q_heads=2, q_len=1, k_len=128, dim=8, block_size=16, top_k=3,
+        global_blocks=1, padding="none", seed=1,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p)
+    expected = routed_attention(query, key, value, backend="reference", **options)
+    with torch.inference_mode():
+        torch.testing.assert_close(routed_attention(query, key, value, backend="gather", **options), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(routed_attention(query, key, value, backend="gather", **options), expected)
+    assert fresh_scratch.buffers
 
 
 @pytest.mark.parametrize("kind", ["causal", "cross"])
@@ -206,10 +256,21 @@ def test_single_query_decoding_reads_only_the_selected_blocks(monkeypatch):
 
     seen = []
     original = decode._select_tokens
-    monkeypatch.setattr(decode, "_select_tokens", lambda token, *xs: seen.append(token.shape) or original(token, *xs))
+    monkeypatch.setattr(
+        decode, "_select_tokens", lambda token, *xs, **kw: seen.append(token.shape) or original(token, *xs, **kw)
+    )
     query, key, value = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 4000, 8), torch.randn(2, 2, 4000, 8)
     routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
     assert seen == [torch.Size([2, 2, 3 * 64])]
+    # whole blocks, no padding: one row per selected block (b * hk * top_k), each B * d values, for keys and values
+    rows = []
+    original_rows = decode._index_rows
+    monkeypatch.setattr(
+        decode, "_index_rows", lambda x, r, slot: rows.append((r.numel(), x.shape[1])) or original_rows(x, r, slot)
+    )
+    key, value = torch.randn(2, 2, 4096, 8), torch.randn(2, 2, 4096, 8)
+    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
+    assert rows == [(2 * 2 * 3, 64 * 8)] * 2
 
 
 @pytest.mark.parametrize("causal", [False, True])

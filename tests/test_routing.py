@@ -189,20 +189,23 @@ def test_select_blocks_forced_and_candidates(q_blocks, n_key_blocks, top_k, glob
     kind=st.sampled_from(["bidirectional", "causal", "cross"]),
     rows=st.integers(2, 6),
     n_key_blocks=st.integers(2, 7),
-    top_k=st.integers(2, 6),
-    global_blocks=st.integers(0, 1),
+    extra_top_k=st.integers(0, 3),
+    global_blocks=st.integers(0, 3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_a_row_routed_alone_equals_the_row_routed_with_others(kind, rows, n_key_blocks, top_k, global_blocks, seed):
+def test_a_row_routed_alone_equals_the_row_routed_with_others(
+    kind, rows, n_key_blocks, extra_top_k, global_blocks, seed
+):
     """`select_blocks` on one row (a decoding step) takes its own path: slices at known positions instead of masks.
     The multi-row path is its oracle, with many exact ties and blocks without visible keys."""
     block_size = 3
     causal, cross = kind == "causal", kind == "cross"
+    top_k = max(1, global_blocks + (not cross)) + extra_top_k  # room for the forced blocks, as `route_blocks` requires
     if kind == "bidirectional":
         rows = min(rows, n_key_blocks)
     query_offset = n_key_blocks * block_size - rows if causal else 0  # causal rows: the last positions (rows <= 6)
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.randint(0, 3, (2, 1, rows, n_key_blocks), generator=generator).float()
+    scores = torch.randint(0, 3, (2, 2, rows, n_key_blocks), generator=generator).float()
     counts = torch.randint(0, 2, (2, n_key_blocks), generator=generator)
     options = dict(block_size=block_size, top_k=top_k, causal=causal, cross=cross, global_blocks=global_blocks)
     together = select_blocks(scores.clone(), counts, query_offset=query_offset, **options)

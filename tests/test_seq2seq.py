@@ -105,7 +105,7 @@ def test_sampling_and_num_return_sequences():
     assert out.shape[0] == 6
 
 
-def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None, block_size=4):
+def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None):
     """Descriptors equal those recomputed from the cached keys (RoPE: from the routing keys, which must rotate into
     the cached keys at positions 0, 1, ...)."""
     averaged = layer.keys
@@ -114,6 +114,7 @@ def assert_descriptors_match_keys(layer: DualRouteCacheLayer, model=None, block_
         positions = torch.arange(layer.keys.shape[2])[None].expand(layer.keys.shape[0], -1)
         rotated = apply_rotary(averaged, *model.decoder.rotary(positions, averaged.dtype))
         torch.testing.assert_close(rotated, layer.keys, atol=1e-5, rtol=1e-5)
+    block_size = model.config.route_block_size if model is not None else 4  # the direct cache tests use 4
     means, counts = layer.key_descriptors(block_size)  # brings out-of-date blocks up to date, and only those
     expected_sums, expected_counts = block_sums(averaged, block_size, layer.key_mask)
     torch.testing.assert_close(layer.block_sums, expected_sums, atol=1e-5, rtol=1e-5)
@@ -176,6 +177,7 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     keys = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)  # rows 0 = 1 and 2 = 3, like 2 inputs x 2 beams
     values = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)
     layer.update(keys, values, write_once=True)
+    layer.key_descriptors(4)  # descriptors exist before the reorders, which must carry them along
     stored = layer.keys
     layer.reorder_cache(torch.tensor([1, 0, 3, 2]))
     assert layer.keys is stored  # nothing moved
