@@ -770,6 +770,10 @@ class DualRouteForSequenceClassification(DualRoutePreTrainedModel):
         )
 
 
+# Rows (sequences x beams of a decoding step) up to which the CPU LM head multiplies as weight @ hidden^T.
+LM_HEAD_FEW_ROWS = 16
+
+
 class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixin):
     """Encoder-decoder with a language-modelling head: long input in, text out. ``model`` is the encoder (the base
     model shared with the other heads), ``decoder`` the decoder; input, decoder and output embeddings are tied."""
@@ -824,6 +828,24 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
         self.final_logits_bias = nn.Buffer(bias)
         return embeddings
 
+    def vocabulary_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head plus ``final_logits_bias``: ``(..., hidden) -> (..., vocab_size)``.
+
+        A decoding step has one row per sequence and beam. For a few rows torch's CPU ``linear`` is slow (4 beams over
+        30k words: 12 ms against 4 ms for the same product taken as ``weight @ hidden^T``; one third of a beam-search
+        step), so on CPU, up to `LM_HEAD_FEW_ROWS` rows, the product is taken that way. Only for a plain ``nn.Linear`` without
+        hooks: a wrapped or hooked head (adapters, quantisation) is called as a module.
+        """
+        bias = self.final_logits_bias.to(self.lm_head.weight.dtype)
+        rows = hidden_states.shape[:-1].numel()
+        head = self.lm_head
+        plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+        if hidden_states.device.type == "cpu" and rows <= LM_HEAD_FEW_ROWS and plain_head:
+            flat = hidden_states.reshape(rows, -1)
+            logits = torch.addmm(bias.reshape(-1, 1), head.weight, flat.T).T.contiguous()
+            return logits.view(*hidden_states.shape[:-1], -1)
+        return head(hidden_states) + bias
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
@@ -875,7 +897,7 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.lm_head(decoder_outputs.last_hidden_state) + self.final_logits_bias.to(self.lm_head.weight.dtype)
+        logits = self.vocabulary_logits(decoder_outputs.last_hidden_state)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:2]:

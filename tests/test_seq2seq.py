@@ -288,6 +288,37 @@ def test_full_top_k_equals_the_dense_twin():
     )
 
 
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 40])
+def test_vocabulary_logits_equal_the_lm_head_for_few_and_many_rows(rows, monkeypatch):
+    """Few rows (a decoding step) multiply as weight @ hidden^T on CPU; the result and the gradients equal the plain
+    LM head's, and a hooked head is called as a module."""
+    model = make_model()
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+    hidden = torch.randn(rows, 1, model.config.hidden_size, requires_grad=True)
+    module_calls = []
+    original_forward = torch.nn.Linear.forward
+    monkeypatch.setattr(
+        torch.nn.Linear, "forward", lambda self, x: module_calls.append(1) or original_forward(self, x)
+    )
+    logits = model.vocabulary_logits(hidden)
+    assert len(module_calls) == (rows > 16)  # up to 16 rows the head's weight is multiplied directly
+    monkeypatch.undo()
+    expected = model.lm_head(hidden) + model.final_logits_bias
+    torch.testing.assert_close(logits, expected)
+    assert logits.is_contiguous() and logits.shape == (rows, 1, model.config.vocab_size)
+    weights = torch.randn_like(logits)
+    grads = torch.autograd.grad((logits * weights).sum(), (hidden, model.lm_head.weight))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, model.lm_head.weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    model.vocabulary_logits(hidden)
+    handle.remove()
+    assert calls == [(rows, 1, model.config.vocab_size)]
+
+
 def test_tied_embeddings_and_save_load(tmp_path):
     model = make_model()
     assert model.lm_head.weight.data_ptr() == model.model.embeddings.word_embeddings.weight.data_ptr()
