@@ -288,35 +288,56 @@ def test_full_top_k_equals_the_dense_twin():
     )
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 17, 40])
-def test_vocabulary_logits_equal_the_lm_head_for_few_and_many_rows(rows, monkeypatch):
-    """Few rows (a decoding step) multiply as weight @ hidden^T on CPU; the result and the gradients equal the plain
-    LM head's, and a hooked head is called as a module."""
-    model = make_model()
-    with torch.no_grad():
-        model.final_logits_bias.normal_()
-    hidden = torch.randn(rows, 1, model.config.hidden_size, requires_grad=True)
-    module_calls = []
-    original_forward = torch.nn.Linear.forward
+@pytest.mark.parametrize(
+    "shape, bias, dtype",
+    [
+        ((4, 1), False, torch.float32),  # a 4-beam decoding step
+        ((2, 3), True, torch.float32),
+        ((16,), False, torch.float32),
+        ((17,), False, torch.float32),  # past FEW_ROWS: nn.Linear itself
+        ((2, 20), True, torch.float32),
+        ((0, 1), False, torch.float32),
+        ((3, 2), True, torch.bfloat16),
+    ],
+)
+def test_lm_head_equals_nn_linear(shape, bias, dtype, monkeypatch):
+    """The LM head takes a decoding step's few rows (<= 16) as weight @ x^T on CPU: output and gradients equal
+    nn.Linear's, for batched, non-contiguous and half inputs; more rows go through nn.Linear itself."""
+    from modeling_dualroute.modeling_dualroute import DualRouteLMHead
+
+    torch.manual_seed(0)
+    head = DualRouteLMHead(24, 50, bias=bias).to(dtype)
+    plain = torch.nn.Linear(24, 50, bias=bias).to(dtype)
+    plain.load_state_dict(head.state_dict())
+    x = torch.randn(*shape, 48, dtype=dtype)[..., ::2].requires_grad_(True)  # a strided input
+    linear_calls = []
+    original_linear = torch.nn.functional.linear
     monkeypatch.setattr(
-        torch.nn.Linear, "forward", lambda self, x: module_calls.append(1) or original_forward(self, x)
+        torch.nn.functional, "linear", lambda *a, **k: linear_calls.append(1) or original_linear(*a, **k)
     )
-    logits = model.vocabulary_logits(hidden)
-    assert len(module_calls) == (rows > 16)  # up to 16 rows the head's weight is multiplied directly
+    out = head(x)
+    assert len(linear_calls) == (not 0 < x[..., 0].numel() <= DualRouteLMHead.FEW_ROWS)
     monkeypatch.undo()
-    expected = model.lm_head(hidden) + model.final_logits_bias
-    torch.testing.assert_close(logits, expected)
-    assert logits.is_contiguous() and logits.shape == (rows, 1, model.config.vocab_size)
-    weights = torch.randn_like(logits)
-    grads = torch.autograd.grad((logits * weights).sum(), (hidden, model.lm_head.weight))
-    expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, model.lm_head.weight))
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want)
-    calls = []
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
-    model.vocabulary_logits(hidden)
-    handle.remove()
-    assert calls == [(rows, 1, model.config.vocab_size)]
+    expected = plain(x)
+    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert out.is_contiguous() and out.dtype == expected.dtype
+    if out.numel():
+        weights = torch.randn_like(out)
+        got = torch.autograd.grad((out * weights).sum(), (x, head.weight))
+        want = torch.autograd.grad((expected * weights).sum(), (x, plain.weight))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **tolerance)
+
+
+def test_lm_head_hooks_fire_on_the_few_rows_path():
+    model = make_model()
+    fired = []
+    model.lm_head.register_forward_hook(lambda module, args, out: fired.append("forward"))
+    model.lm_head.register_full_backward_hook(lambda module, grad_in, grad_out: fired.append("backward"))
+    hidden = torch.randn(4, 1, model.config.hidden_size, requires_grad=True)
+    model.lm_head(hidden).sum().backward()
+    assert fired == ["forward", "backward"]
 
 
 def test_tied_embeddings_and_save_load(tmp_path):
