@@ -260,17 +260,21 @@ def test_single_query_decoding_reads_only_the_selected_blocks(monkeypatch):
         decode, "_select_tokens", lambda token, *xs, **kw: seen.append(token.shape) or original(token, *xs, **kw)
     )
     query, key, value = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 4000, 8), torch.randn(2, 2, 4000, 8)
-    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
+    padding = torch.ones(2, 4000, dtype=torch.bool)
+    padding[1, 3900:] = False  # padded keys: the token-level path with a visibility mask
+    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1, key_padding_mask=padding)
     assert seen == [torch.Size([2, 2, 3 * 64])]
-    # whole blocks, no padding: one row per selected block (b * hk * top_k), each B * d values, for keys and values
+    # no padding, whole or ragged: one row per selected block (b * hk * top_k), each B * d values, for keys and values
     rows = []
     original_rows = decode._index_rows
     monkeypatch.setattr(
         decode, "_index_rows", lambda x, r, slot: rows.append((r.numel(), x.shape[1])) or original_rows(x, r, slot)
     )
-    key, value = torch.randn(2, 2, 4096, 8), torch.randn(2, 2, 4096, 8)
-    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
-    assert rows == [(2 * 2 * 3, 64 * 8)] * 2
+    for length in (4096, 4000):
+        rows.clear()
+        key, value = torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+        routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
+        assert rows == [(2 * 2 * 3, 64 * 8)] * 2
 
 
 @pytest.mark.parametrize("causal", [False, True])
