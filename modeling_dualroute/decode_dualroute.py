@@ -59,17 +59,18 @@ def decode_attention(
 
     selected = plan[:, :, 0]  # b hk k
     top_k = selected.shape[-1]
-    # Known from the shapes alone (no data-dependent check): with no padding and at least top_k candidate blocks, every
-    # slot holds a block and every key in it is visible (a causal decoding query is the last key, so causality hides
-    # nothing from it): the step reads whole blocks, and needs a mask only for a ragged last block (see
-    # `_select_whole_blocks`). Anything else takes the token-level path with a visibility mask.
+    # Known from the shapes alone: with no padding and at least top_k candidate blocks, every key of a selected block is
+    # visible (a causal decoding query is the last key, so causality hides nothing from it): the step reads whole
+    # blocks (`_select_whole_blocks`), masking only what it reads that is not a selected key. A ragged length is read
+    # through an overlapping view, whose gradient would be B times the size of the keys: only outside autograd.
+    # Anything else takes the token-level path with a visibility mask.
     candidates = num_blocks(query_offset + 1 if causal else k_len, block_size)
     last_key = causal and query_offset == k_len - 1
     all_visible = key_valid is None and candidates >= top_k and (last_key or not causal)
     ragged = k_len % block_size != 0
-    by_blocks = all_visible and (not ragged or k_len >= block_size and key.is_contiguous() and value.is_contiguous())
-    needs_mask = not by_blocks
-    repeated = None
+    windows_ok = k_len >= block_size and key.is_contiguous() and value.is_contiguous() and not needs_grad
+    needs_mask = not (all_visible and (not ragged or windows_ok))
+    left_out = None
     if needs_mask:
         offsets = torch.arange(block_size, device=query.device)
         token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
@@ -81,7 +82,7 @@ def decode_attention(
             visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
         keys, values = _select_tokens(token, key, value, scratch=scratch)  # b hk k*B d
     else:
-        (keys, values), repeated = _select_whole_blocks(selected, block_size, key, value, scratch=scratch)
+        (keys, values), left_out = _select_whole_blocks(selected, block_size, key, value, scratch=scratch)
     keys, values = keys.to(compute_dtype), values.to(compute_dtype)
 
     q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype) * scale  # the group's heads share the routing
@@ -90,9 +91,10 @@ def decode_attention(
         # A finite fill keeps a row without visible keys finite (uniform, then zeroed), forward and backward.
         scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(compute_dtype).min)
         probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
+    elif left_out is not None:
+        scores = scores.masked_fill(left_out[:, :, None, :], torch.finfo(compute_dtype).min)
+        probs = torch.softmax(scores, dim=-1) * ~left_out[:, :, None, :]
     else:
-        if repeated is not None:  # keys read twice by a ragged last block's window count once
-            scores = scores.masked_fill(repeated[:, :, None, :], torch.finfo(compute_dtype).min)
         probs = torch.softmax(scores, dim=-1)
     output = torch.matmul(probs, values)  # b hk g d
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
@@ -102,32 +104,40 @@ def _select_whole_blocks(
     selected: torch.Tensor, block_size: int, *tensors: torch.Tensor, scratch: bool
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """The keys of blocks ``selected[b, h]`` as ``(b, h, k*B, d)`` for each ``x``, one `index_select` of ``B * d``
-    values per block (a plain copy) instead of one per token; and ``repeated`` ``(b, h, k*B)``, the positions to leave
-    out, or ``None``.
+    values per block (a plain copy) instead of one per token; and ``left_out`` ``(b, h, k*B)``, the gathered positions
+    that are not keys of a selected block, or ``None`` when there are none.
 
-    A cache's keys are contiguous, so the ``B`` rows from any token on are one row of an overlapping view. When the
-    length is not a whole number of blocks, the ragged last block is read as the window of the last ``B`` keys; its
-    first ``nk * B - length`` positions belong to the block before and are ``repeated``. Other layouts (whole blocks
-    only) go through `_select_tokens`.
+    Whole blocks are rows of ``x.view(-1, B * d)``. When the length is not a whole number of blocks, the ``B`` rows
+    from any token on are one row of an overlapping view of the (contiguous) keys, and the ragged last block is read
+    as the window of its head's last ``B`` keys: its first ``nk * B - length`` positions belong to the block before
+    and are left out. A slot without a block (``-1``: a block whose scores were NaN is never chosen) reads block 0 and
+    is left out. Other layouts (whole blocks only) go through `_select_tokens`.
     """
     batch, heads, length, dim = tensors[0].shape
+    offsets = torch.arange(block_size, device=selected.device)
+    first_key = selected.clamp(min=0) * block_size
+    left_out = None
     if not all(x.is_contiguous() for x in tensors):
-        offsets = torch.arange(block_size, device=selected.device)
-        return _select_tokens((selected[..., None] * block_size + offsets).flatten(2), *tensors, scratch=scratch), None
-    first_key = selected * block_size
-    ragged = length % block_size != 0
-    if ragged:
-        first_key = first_key.clamp(max=length - block_size)
-    head_start = length * torch.arange(batch * heads, device=selected.device).view(batch, heads, 1)
-    rows = (first_key + head_start).view(-1)
-    shape = (batch, heads, selected.shape[-1] * block_size, dim)
-    windows = [x.as_strided((x.numel() // dim - block_size + 1, block_size * dim), (dim, 1)) for x in tensors]
-    gathered = tuple(_index_rows(w, rows, slot if scratch else None).view(shape) for slot, w in enumerate(windows))
-    repeated = None
-    if ragged:
-        shift = selected * block_size - first_key  # > 0 only for the ragged last block
-        repeated = (torch.arange(block_size, device=selected.device) < shift[..., None]).flatten(2)
-    return gathered, repeated
+        gathered = _select_tokens((first_key[..., None] + offsets).flatten(2), *tensors, scratch=scratch)
+    else:
+        shape = (batch, heads, selected.shape[-1] * block_size, dim)
+        head_start = length * torch.arange(batch * heads, device=selected.device).view(batch, heads, 1)
+        if length % block_size == 0:
+            sources = [x.view(-1, block_size * dim) for x in tensors]
+            rows = ((first_key + head_start) // block_size).view(-1)
+        else:
+            window_start = first_key.clamp(max=length - block_size)
+            sources = [x.as_strided((x.numel() // dim - block_size + 1, block_size * dim), (dim, 1)) for x in tensors]
+            rows = (window_start + head_start).view(-1)
+            left_out = (offsets < (first_key - window_start)[..., None]).flatten(2)  # > 0 only for the last block
+        gathered = tuple(
+            _index_rows(source, rows, slot if scratch else None).view(shape) for slot, source in enumerate(sources)
+        )
+    empty = selected < 0
+    if torch.compiler.is_compiling() or bool(empty.any()):
+        empty = empty[..., None].expand(-1, -1, -1, block_size).flatten(2)
+        left_out = empty if left_out is None else left_out | empty
+    return gathered, left_out
 
 
 def _select_tokens(token: torch.Tensor, *tensors: torch.Tensor, scratch: bool) -> tuple[torch.Tensor, ...]:

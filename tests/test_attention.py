@@ -241,7 +241,7 @@ def test_single_query_decoding_under_inference_mode_then_no_grad(fresh_scratch):
 @pytest.mark.parametrize("kind", ["causal", "cross"])
 @pytest.mark.parametrize("k_len, padding", [(64, "none"), (61, "none"), (64, "right")])
 def test_single_query_decoding_with_and_without_masks(kind, k_len, padding):
-    """Whole blocks without padding take the mask-free path; a ragged tail or padding the masked one."""
+    """Whole blocks without padding take the mask-free path, a ragged tail the window path, padding the masked one."""
     p = dict(
         kind=kind, batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=k_len, dim=8, block_size=8, top_k=3,
         global_blocks=1, padding=padding, seed=k_len,
@@ -275,6 +275,42 @@ def test_single_query_decoding_reads_only_the_selected_blocks(monkeypatch):
         key, value = torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
         routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1)
         assert rows == [(2 * 2 * 3, 64 * 8)] * 2
+
+
+@pytest.mark.parametrize("length", [4096, 4000])
+def test_single_query_decoding_with_gradients_reads_no_overlapping_view(length, monkeypatch):
+    """A ragged length is read through an overlapping view of the keys only outside autograd: that view's gradient
+    would be B times the size of the keys. With gradients, whole blocks come from a plain view, ragged lengths from
+    the token-level path."""
+    import modeling_dualroute.decode_dualroute as decode
+
+    sources = []
+    original_rows = decode._index_rows
+    monkeypatch.setattr(
+        decode, "_index_rows", lambda x, r, slot: sources.append(x.is_contiguous()) or original_rows(x, r, slot)
+    )
+    query = torch.randn(1, 2, 1, 8, requires_grad=True)
+    key, value = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(2))
+    routed_attention(query, key, value, block_size=64, top_k=3, cross=True, global_blocks=1).sum().backward()
+    assert sources and all(sources)
+
+
+@pytest.mark.parametrize("length", [30, 32])
+def test_single_query_decoding_with_an_empty_slot(length):
+    """A block whose routing score is NaN (a NaN key) is never chosen, so a plan can hold -1 with top_k candidates:
+    the whole-block path leaves that slot out, like the reference."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 1, 8, generator=generator)
+    key, value = (torch.randn(1, 2, length, 8, generator=generator) for _ in range(2))
+    key[0, 0, 9] = float("nan")
+    options = dict(block_size=8, top_k=4, cross=True, global_blocks=1)
+    _, info = routed_attention_with_plan(query, key, value, backend="gather", **options)
+    assert (info["plan"] < 0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            routed_attention(query, key, value, backend="gather", **options),
+            routed_attention(query, key, value, backend="reference", **options),
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True])
