@@ -22,6 +22,7 @@ import threading
 
 import torch
 
+from .gather_dualroute import select_into
 from .routing_dualroute import num_blocks
 
 
@@ -114,10 +115,10 @@ def _select_whole_blocks(
     is left out. Other layouts (whole blocks only) go through `_select_tokens`.
     """
     batch, heads, length, dim = tensors[0].shape
-    offsets = torch.arange(block_size, device=selected.device)
     first_key = selected.clamp(min=0) * block_size
     left_out = None
     if not all(x.is_contiguous() for x in tensors):
+        offsets = torch.arange(block_size, device=selected.device)
         gathered = _select_tokens((first_key[..., None] + offsets).flatten(2), *tensors, scratch=scratch)
     else:
         shape = (batch, heads, selected.shape[-1] * block_size, dim)
@@ -129,6 +130,7 @@ def _select_whole_blocks(
             window_start = first_key.clamp(max=length - block_size)
             sources = [x.as_strided((x.numel() // dim - block_size + 1, block_size * dim), (dim, 1)) for x in tensors]
             rows = (window_start + head_start).view(-1)
+            offsets = torch.arange(block_size, device=selected.device)
             left_out = (offsets < (first_key - window_start)[..., None]).flatten(2)  # > 0 only for the last block
         gathered = tuple(
             _index_rows(source, rows, slot if scratch else None).view(shape) for slot, source in enumerate(sources)
@@ -176,7 +178,7 @@ def _index_rows(source: torch.Tensor, rows: torch.Tensor, slot: int | None) -> t
     if buffer is None or buffer.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
             buffer = buffers[(slot, source.dtype)] = torch.empty(numel, dtype=source.dtype, device=source.device)
-    return torch.index_select(source, 0, rows, out=buffer[:numel].view(rows.numel(), source.shape[1]))
+    return select_into(source, rows, buffer)
 
 
 __all__ = ["decode_attention"]
