@@ -150,6 +150,27 @@ def test_finetune_render(finetune):
     assert finetune.render(payload).startswith("**Quick run")
 
 
+def test_rerunning_one_task_keeps_the_other_tasks_runs(finetune, tmp_path):
+    """--keep-other-tasks: the runs and settings of the tasks not rerun come from a complete earlier result with the
+    same model, variants, seeds and data seed; anything else is refused with the reason."""
+    earlier = synthetic_finetune_payload(finetune)
+    earlier["runs"] += [dict(run, task="rotten_tomatoes") for run in earlier["runs"]]
+    earlier["tasks"]["rotten_tomatoes"] = {"options": dict(finetune.TASKS["rotten_tomatoes"])}
+    earlier["config"].update(variants=finetune.VARIANTS, data_seed=finetune.DATA_SEED)
+    earlier["complete"] = True
+    path = tmp_path / "finetune.json"
+    path.write_text(json.dumps(earlier))
+    runs, tasks = finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0, 1, 2])
+    assert runs == [run for run in earlier["runs"] if run["task"] == "news"] and list(tasks) == ["news"]
+    with pytest.raises(ValueError, match=r"same \['data_seed', 'model', 'seeds', 'variants'\].*differing: \{'seeds'"):
+        finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0])
+    path.write_text(json.dumps(dict(earlier, complete=False)))
+    with pytest.raises(ValueError, match="is not a complete run"):
+        finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0, 1, 2])
+    with pytest.raises(ValueError, match="there is no earlier result at"):
+        finetune.kept_runs(tmp_path / "missing.json", ["news"], finetune.VARIANTS, [0, 1, 2])
+
+
 def test_headlines_render(headlines):
     runs = [
         {"variant": v, "seed": 0, "rouge1": r1, "rouge2": 0.1, "rougeL": r1 - 0.02, "generated_words": 9.0,
