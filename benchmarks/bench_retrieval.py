@@ -717,10 +717,10 @@ def plot(payload: dict, path) -> None:
     names = list(payload["results"])
     lengths = [str(n) for n in config["lengths"]]
     fig, axes = plt.subplots(
-        1, len(lengths), figsize=(3.6 * len(lengths) + 1.5, 0.6 * len(names) + 1.8), squeeze=False
+        1, len(lengths), figsize=(3.6 * len(lengths) + 3.0, 0.6 * len(names) + 1.8), squeeze=False, sharey=True
     )
     image = None
-    for axis, length in zip(axes[0], lengths):
+    for index, (axis, length) in enumerate(zip(axes[0], lengths)):
         grid = [[v if v is not None else float("nan") for v in per_depth[n].get(length, [None] * bins)] for n in names]
         image = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
@@ -737,10 +737,11 @@ def plot(payload: dict, path) -> None:
                     )
         axis.set_xticks(range(bins))
         axis.set_xticklabels([f"{(b + 0.5) / bins:.1f}" for b in range(bins)])
-        axis.set_xlabel("depth of the fact (0 = next to the question)")
         axis.set_yticks(range(len(names)))
-        axis.set_yticklabels([LABELS.get(n, n) for n in names])
+        if index == 0:  # the panels share their rows: one set of model names, left of the first
+            axis.set_yticklabels([LABELS.get(n, n) for n in names])
         axis.set_title(f"{length} tokens")
+    fig.supxlabel("depth of the fact (0 = next to the question)")
     fig.colorbar(image, ax=axes[0].tolist(), label=f"accuracy (chance {1 / len(CODES):.0%})")
     fig.suptitle("Retrieval accuracy by depth of the planted fact")
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # README results blocks that describe model quality, in card order (speed tables depend on the machine, not the model)
 CARD_RESULTS = {
     "fidelity_minilm": "Fidelity of converted all-MiniLM-L6-v2 (no training)",
-    "finetune": "Fine-tuning the converted MiniLM at a 25% key budget",
+    "finetune": "Fine-tuning the converted MiniLM at a quarter of the keys",
     "retrieval": "Long-range retrieval: routing vs a fixed window",
     "headlines": "Headline generation (BERT2BERT warm start)",
 }

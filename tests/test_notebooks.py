@@ -70,6 +70,7 @@ def test_routing_visualised(tmp_path, jupyter_path, monkeypatch):
     assert "copied: 101 tensors" in text and "new (initialised): 0 tensors" in text
     assert "256 tokens = 8 blocks of 32" in text  # FAST: a 256-token article
     assert len(images) == 2  # the layer x head grid, and routed vs dense for one layer
+    assert "grid: 6 layers x 12 heads" in text  # every layer and head of MiniLM
     found = re.search(r"routing recall \(mean over layers\): ([\d.]+) with 4 of 8 blocks \(uniform share 0.500", text)
     assert found, text
     assert 0.5 < float(found.group(1)) <= 1.0  # routing keeps more than the share of blocks it reads

@@ -79,7 +79,14 @@ def test_model_card_carries_the_project_results_by_default(tmp_path):
     model.save_pretrained(tmp_path)
     text = str(load_fill_card().fill_model_card(tmp_path))
     readme = (REPO / "README.md").read_text()
-    # the fidelity table is committed: the card repeats the README's rendered block verbatim
-    block = readme.split("<!-- results:fidelity_minilm -->\n")[1].split("<!-- /results:fidelity_minilm -->")[0].strip()
-    assert "### Fidelity of converted all-MiniLM-L6-v2" in text and block in text
+    # the quality tables are committed: the card repeats each of the README's rendered blocks verbatim, in order
+    fill_card = load_fill_card()
+    positions = []
+    for name, title in fill_card.CARD_RESULTS.items():
+        block = readme.split(f"<!-- results:{name} -->\n")[1].split(f"<!-- /results:{name} -->")[0].strip()
+        assert f"### {title}\n\n{block}" in text, name
+        positions.append(text.index(f"### {title}"))
+    assert positions == sorted(positions) and list(fill_card.CARD_RESULTS) == [
+        "fidelity_minilm", "finetune", "retrieval", "headlines"
+    ]  # fmt: skip
     assert "No results recorded yet." not in text
