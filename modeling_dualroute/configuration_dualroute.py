@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import transformers.configuration_utils as configuration_utils
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -143,12 +146,60 @@ class DualRouteConfig(PreTrainedConfig):
         integers = (
             "route_block_size", "route_topk", "route_global_blocks", "hidden_size", "num_attention_heads",
             "num_key_value_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings", "position_offset",
-            "intermediate_size", "decoder_layers",
+            "intermediate_size", "decoder_layers", "type_vocab_size",
         )  # fmt: skip
-        for name in integers:
+        optional_integers = (
+            "embedding_size", "decoder_attention_heads", "decoder_num_key_value_heads", "decoder_intermediate_size",
+            "decoder_max_position_embeddings", "pad_token_id", "decoder_start_token_id",
+        )  # fmt: skip
+        for name in integers + optional_integers:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if (value is not None or name in integers) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
+        numbers = ("hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "classifier_dropout",
+                   "rope_theta", "layer_norm_eps", "initializer_range")  # fmt: skip
+        for name in numbers:
+            value = getattr(self, name)
+            if (value is not None or name != "classifier_dropout") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise TypeError(f"`{name}` must be a number, got {value!r} of type {type(value).__name__}.")
+        for name in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "activation_dropout",
+            "classifier_dropout",
+        ):
+            value = getattr(self, name)
+            need(value is None or 0.0 <= value < 1.0, f"`{name}` must be a probability in [0, 1), got {value}.")
+        for name in ("rope_theta", "layer_norm_eps"):
+            value = getattr(self, name)
+            need(value > 0 and math.isfinite(value), f"`{name}` must be a finite number > 0, got {value}.")
+        need(self.initializer_range >= 0, f"`initializer_range` must be >= 0, got {self.initializer_range}.")
+        for name in ("hidden_act", "classifier_activation"):
+            value = getattr(self, name)
+            need(
+                value in _activation_names(),
+                f"`{name}` must name one of transformers' activations ({', '.join(_activation_names())}), "
+                f"got {value!r}.",
+            )
+        for name in ("intermediate_size", "decoder_intermediate_size", "decoder_max_position_embeddings"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"`{name}` must be >= 1, got {value}.")
+        need(
+            self.embedding_size is None or self.embedding_size >= 1,
+            f"`embedding_size` must be >= 1 (or None: hidden_size), got {self.embedding_size}.",
+        )
+        need(
+            self.type_vocab_size >= 0,
+            f"`type_vocab_size` must be >= 0 (0: no token types), got {self.type_vocab_size}.",
+        )
+        for name in ("pad_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            need(
+                value is None or 0 <= value < self.vocab_size,
+                f"`{name}` must be a token id in [0, vocab_size={self.vocab_size}), got {value}.",
+            )
         if not isinstance(self.route_before_rope, bool):
             raise TypeError(
                 f"`route_before_rope` must be a bool, got {self.route_before_rope!r} of type "
@@ -237,6 +288,9 @@ class DualRouteConfig(PreTrainedConfig):
 
     def validate_dualroute(self):
         self.check_dualroute()
+        labels = self.num_labels
+        if labels < 1:
+            raise ValueError(f"`num_labels` must be >= 1, got {labels}.")
 
     def validate_output_attentions(self):
         """`output_attentions` works with `dualroute` (reference backend) as well as with `eager`."""
@@ -250,20 +304,30 @@ class DualRouteConfig(PreTrainedConfig):
         return [layer_type == ROUTED_ATTENTION for layer_type in self.layer_types]
 
 
-_strict_init = DualRouteConfig.__init__
+def _activation_names() -> list[str]:
+    from transformers.activations import ACT2FN  # imports torch: only when a config is checked
+
+    return sorted(ACT2FN)
 
 
-def _init_with_standard_errors(self, *args, **kwargs):
-    """`@strict` reports bad fields with its own exception types; raise the standard `TypeError` / `ValueError`."""
-    try:
-        _strict_init(self, *args, **kwargs)
-    except StrictDataclassFieldValidationError as error:
-        raise TypeError(f"DualRouteConfig: {error}") from None
-    except StrictDataclassClassValidationError as error:
-        raise ValueError(f"DualRouteConfig: {error}") from None
+def _with_standard_errors(method):
+    """`@strict` reports bad fields with its own exception types; raise the standard `TypeError` / `ValueError`
+    instead, at construction and when a config changed afterwards is validated (``validate()``, ``save_pretrained``)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except StrictDataclassFieldValidationError as error:
+            raise TypeError(f"DualRouteConfig: {error}") from None
+        except StrictDataclassClassValidationError as error:
+            raise ValueError(f"DualRouteConfig: {error}") from None
+
+    return wrapped
 
 
-DualRouteConfig.__init__ = _init_with_standard_errors
+DualRouteConfig.__init__ = _with_standard_errors(DualRouteConfig.__init__)
+DualRouteConfig.validate = _with_standard_errors(DualRouteConfig.validate)
 
 
 __all__ = ["DualRouteConfig"]

@@ -281,7 +281,8 @@ def convert(
         out: where to save (``None``: do not save).
         task: ``"base"`` (`DualRouteModel`), ``"sequence-classification"``, ``"seq2seq"``
             (`DualRouteForConditionalGeneration`; from an encoder-only source this is the BERT2BERT warm start), or
-            ``"auto"``: seq2seq for BART, sequence classification for checkpoints that have a classifier, else base.
+            ``"auto"``: seq2seq for BART, sequence classification for checkpoints that have a classifier or when
+            ``num_labels`` is given, else base.
         block_size, topk, global_blocks: routing settings (``route_block_size``, ``route_topk``,
             ``route_global_blocks``).
         max_position_embeddings: extend learned positions to this many by copying (Longformer recipe).
@@ -297,21 +298,38 @@ def convert(
 
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+    routing = dict(route_block_size=block_size, route_topk=topk, route_global_blocks=global_blocks)
+    DualRouteConfig(**routing)  # bad routing settings fail here, before the source checkpoint is read
+    for name, value, low in (
+        ("max_position_embeddings", max_position_embeddings, 1),
+        ("num_labels", num_labels, 1),
+        ("dense_last_layers", dense_last_layers, 0),
+    ):
+        if value is None and name != "dense_last_layers":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
+        if value < low:
+            raise ValueError(f"`{name}` must be >= {low}, got {value}.")
     source_config, state = _load_source(src)
     family = source_config.model_type
     has_classifier = any(name.endswith("ForSequenceClassification") for name in (source_config.architectures or []))
     if task == "auto":
-        task = "seq2seq" if family == "bart" else "sequence-classification" if has_classifier else "base"
+        classifier = has_classifier or num_labels is not None  # asking for labels is asking for a classifier
+        task = "seq2seq" if family == "bart" else "sequence-classification" if classifier else "base"
     if family == "bart" and task != "seq2seq":
         raise ValueError(f"a BART checkpoint converts to task='seq2seq', got task={task!r}.")
 
-    routing = dict(route_block_size=block_size, route_topk=topk, route_global_blocks=global_blocks)
+    if num_labels is not None and task != "sequence-classification":
+        raise ValueError(
+            f"`num_labels` sets a classifier's size: it needs task='sequence-classification', got {task!r}."
+        )
     if family == "bart":
         fields = _bart_config_fields(source_config)
     else:
         fields = _encoder_config_fields(source_config, family)
     old_max = fields["max_position_embeddings"]
-    new_max = max_position_embeddings or old_max
+    new_max = old_max if max_position_embeddings is None else max_position_embeddings
     if new_max < old_max:
         raise ValueError(f"`max_position_embeddings` ({new_max}) must be >= the source's ({old_max}).")
     fields["max_position_embeddings"] = new_max
@@ -328,7 +346,7 @@ def convert(
         fields["layer_types"] = list(layer_types)
 
     if task == "sequence-classification":
-        labels = num_labels or (source_config.num_labels if has_classifier else 2)
+        labels = num_labels if num_labels is not None else source_config.num_labels if has_classifier else 2
         fields["num_labels"] = labels
         if has_classifier and labels == source_config.num_labels:
             fields.update(id2label=source_config.id2label, label2id=source_config.label2id)

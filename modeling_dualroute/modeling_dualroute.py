@@ -96,6 +96,17 @@ def padding_aware_positions(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check_ids(name: str, ids: torch.Tensor, size: int, size_name: str) -> None:
+    """Integer ids in ``[0, size)``: a clear error instead of an index error deep inside ``nn.Embedding``."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer ids, got a tensor of dtype {ids.dtype}.")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    low, high = torch.aminmax(ids)
+    if low < 0 or high >= size:
+        raise ValueError(f"`{name}` must be in [0, {size_name}={size}), got values from {int(low)} to {int(high)}.")
+
+
 class DualRouteEmbeddings(nn.Module):
     """Token (+ learned absolute position) (+ token type) embeddings, LayerNorm, dropout; the BERT/BART layout."""
 
@@ -124,13 +135,31 @@ class DualRouteEmbeddings(nn.Module):
         token_type_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         if inputs_embeds is None:
+            check_ids("input_ids", input_ids, self.word_embeddings.num_embeddings, "vocab_size")
             inputs_embeds = self.word_embeddings(input_ids)
+        elif inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim:
+            raise ValueError(
+                f"`inputs_embeds` must have width {self.word_embeddings.embedding_dim} (the token embeddings'), got "
+                f"{inputs_embeds.shape[-1]}."
+            )
         embeddings = inputs_embeds * self.embed_scale if self.embed_scale != 1.0 else inputs_embeds
-        if self.token_type_embeddings is not None:
+        shape = tuple(embeddings.shape[:2])
+        if self.token_type_embeddings is not None:  # without token types (BART) a tokenizer's zeros are ignored
             if token_type_ids is None:
-                token_type_ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=embeddings.device)
+                token_type_ids = torch.zeros(shape, dtype=torch.long, device=embeddings.device)
+            check_ids("token_type_ids", token_type_ids, self.token_type_embeddings.num_embeddings, "type_vocab_size")
+            if tuple(token_type_ids.shape) != shape:
+                raise ValueError(
+                    f"`token_type_ids` must have shape (batch, seq) = {shape}, got {tuple(token_type_ids.shape)}."
+                )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
+            check_ids("position_ids", position_ids, self.max_positions, "max_position_embeddings")
+            if position_ids.shape[-1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
+                raise ValueError(
+                    f"`position_ids` must have shape (batch, seq) = {shape} or (1, {shape[1]}), got "
+                    f"{tuple(position_ids.shape)}."
+                )
             embeddings = embeddings + self.position_embeddings(position_ids + self.position_offset)
         embeddings = self.dropout(self.LayerNorm(embeddings))
         return self.project(embeddings) if self.project is not None else embeddings
@@ -544,11 +573,26 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
     if inputs_embeds is not None and inputs_embeds.ndim != 3:
         raise ValueError(f"`inputs_embeds` must have shape (batch, seq, width), got {tuple(inputs_embeds.shape)}.")
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(
-            f"`attention_mask` must have shape (batch, seq) = ({batch}, {length}), got {tuple(attention_mask.shape)}."
-        )
+    if batch == 0 or length == 0:
+        raise ValueError(f"the inputs are empty: (batch, seq) = ({batch}, {length}); pass at least one token.")
+    check_padding_mask("attention_mask", attention_mask, batch, length)
     return batch, length
+
+
+def check_padding_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> None:
+    """A ``(batch, length)`` mask of 1 (real token) and 0 (padding), as tokenizers return it."""
+    if mask is None:
+        return
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"`{name}` must have shape (batch, seq) = ({batch}, {length}), got {tuple(mask.shape)}.")
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    other = (mask != 0) & (mask != 1)
+    if other.any():
+        raise ValueError(
+            f"`{name}` must hold 1 for real tokens and 0 for padding, got the value {mask[other][0].item()}; an "
+            "additive mask (0 / -inf) is not a padding mask: pass (mask == 0) instead."
+        )
 
 
 class DualRouteDecoder(DualRoutePreTrainedModel):
@@ -671,8 +715,11 @@ class DualRouteClassificationHead(nn.Module):
 
 
 def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
-    if method == "cls":
-        return hidden_states[:, 0]
+    if method == "cls":  # the first real token: position 0 unless the batch is padded on the left
+        if attention_mask is None:
+            return hidden_states[:, 0]
+        first = attention_mask.int().argmax(-1)  # argmax returns the first 1 (0 for a row without any)
+        return hidden_states[torch.arange(hidden_states.shape[0], device=first.device), first]
     if attention_mask is None:
         return hidden_states.mean(1)
     mask = attention_mask.to(hidden_states.dtype)[..., None]
@@ -703,7 +750,9 @@ def sequence_classification_loss(
                 f"single-label classification needs integer `labels` of shape ({batch},), got {labels.dtype} "
                 f"labels of shape {tuple(labels.shape)}; for multi-label pass float labels of shape ({batch}, {num_labels})."
             )
-        loss = nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction=reduction)
+        loss = nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum")
+        if num_items_in_batch is None:  # the mean over counted labels; 0, not NaN, when every label is -100
+            loss = loss / (labels != -100).sum().clamp(min=1)
     elif config.problem_type == "multi_label_classification":
         if labels.shape != (batch, num_labels):
             raise ValueError(
@@ -887,8 +936,11 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
                 inputs_embeds=inputs_embeds,
                 **kwargs,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = DualRouteModelOutput(*encoder_outputs)
+        else:
+            if not isinstance(encoder_outputs, BaseModelOutput):
+                encoder_outputs = DualRouteModelOutput(*encoder_outputs)
+            # the mask describes the encoder's tokens: it must match the hidden states handed over
+            check_padding_mask("attention_mask", attention_mask, *encoder_outputs.last_hidden_state.shape[:2])
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -906,11 +958,13 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
                 raise ValueError(
                     f"`labels` must have shape (batch, target_len) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
                 )
-            # a sum over tokens divided by the tokens of the whole accumulated batch under the Trainer (num_items_in_batch)
+            # a sum over tokens divided by the tokens of the whole accumulated batch under the Trainer
+            # (num_items_in_batch), else by this batch's tokens (at least 1: no NaN when every label is -100)
+            labels = labels.to(logits.device)
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels != -100).sum().clamp(min=1)
             loss = fixed_cross_entropy(
-                logits.view(-1, logits.shape[-1]).float(),
-                labels.reshape(-1).to(logits.device),
-                num_items_in_batch=num_items_in_batch,
+                logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), num_items_in_batch=num_items_in_batch
             )
         return DualRouteSeq2SeqLMOutput(
             loss=loss,

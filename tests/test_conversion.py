@@ -1,6 +1,7 @@
 """Dense checkpoints converted to DualRoute reproduce the source run by stock transformers (full top-k)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,28 @@ def test_classification_head_from_a_base_checkpoint_is_new(tmp_path):
     assert model.config.num_labels == 4
     assert report.new == ["classifier.out_proj.bias", "classifier.out_proj.weight"]
     assert "classifier.dense.weight" in report.copied  # BERT's pooler becomes the classifier's dense layer
+
+
+def test_num_labels_asks_for_a_classifier_and_bad_settings_fail_before_loading(tmp_path, monkeypatch):
+    folder = save_source(BertModel(BertConfig(**SMALL)), tmp_path / "source")
+    model, _ = convert(str(folder), None, num_labels=3)  # task "auto" on a base checkpoint: labels mean a classifier
+    assert type(model).__name__ == "DualRouteForSequenceClassification" and model.config.num_labels == 3
+    with pytest.raises(
+        ValueError, match="`num_labels` sets a classifier's size: it needs task='sequence-classification', got 'base'"
+    ):
+        convert(str(folder), None, task="base", num_labels=3)
+    import modeling_dualroute.conversion as conversion
+
+    monkeypatch.setattr(conversion, "_load_source", lambda src: pytest.fail("read the source before checking"))
+    for options, error, words in (
+        (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
+        (dict(num_labels=-2), ValueError, "`num_labels` must be >= 1, got -2"),
+        (dict(max_position_embeddings=0), ValueError, "`max_position_embeddings` must be >= 1, got 0"),
+        (dict(dense_last_layers=1.5), TypeError, "`dense_last_layers` must be an int, got 1.5 of type float"),
+        (dict(topk=0), ValueError, "`route_topk` must be >= 1, got 0"),
+    ):
+        with pytest.raises(error, match=re.escape(words)):
+            convert(str(folder), None, **options)
 
 
 def test_positions_extend_by_copying(tmp_path):

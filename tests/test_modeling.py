@@ -45,11 +45,49 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
         (dict(position_embedding_type="alibi"), ValueError, "`position_embedding_type` must be 'absolute' or 'rope'"),
         (dict(classifier_pooling="max"), ValueError, "`classifier_pooling` must be 'cls' or 'mean'"),
         (dict(is_encoder_decoder=True, decoder_layers=1), ValueError, "`decoder_start_token_id` must be set"),
+        (
+            dict(is_encoder_decoder=True, decoder_layers=1, decoder_start_token_id=500),
+            ValueError,
+            "`decoder_start_token_id` must be a token id in [0, vocab_size=99), got 500",
+        ),
+        (dict(pad_token_id=200), ValueError, "`pad_token_id` must be a token id in [0, vocab_size=99), got 200"),
+        (dict(hidden_act="bogus"), ValueError, "`hidden_act` must name one of transformers' activations"),
+        (dict(classifier_activation="bogus"), ValueError, "`classifier_activation` must name one of"),
+        (dict(intermediate_size=-1), ValueError, "`intermediate_size` must be >= 1, got -1"),
+        (dict(embedding_size=0), ValueError, "`embedding_size` must be >= 1 (or None: hidden_size), got 0"),
+        (dict(type_vocab_size=-1), ValueError, "`type_vocab_size` must be >= 0 (0: no token types), got -1"),
+        (dict(hidden_dropout_prob=1.5), ValueError, "`hidden_dropout_prob` must be a probability in [0, 1), got 1.5"),
+        (dict(classifier_dropout=-0.1), ValueError, "`classifier_dropout` must be a probability in [0, 1), got -0.1"),
+        (dict(rope_theta=0.0), ValueError, "`rope_theta` must be a finite number > 0, got 0.0"),
+        (dict(rope_theta="abc"), TypeError, "`rope_theta` must be a number, got 'abc' of type str"),
+        (dict(layer_norm_eps=-1.0), ValueError, "`layer_norm_eps` must be a finite number > 0, got -1.0"),
+        (
+            dict(is_encoder_decoder=True, decoder_layers=1, decoder_start_token_id=2, decoder_attention_heads=2.0),
+            TypeError,
+            "`decoder_attention_heads` must be an int, got 2.0 of type float",
+        ),
+        (
+            dict(
+                is_encoder_decoder=True, decoder_layers=1, decoder_start_token_id=2, decoder_max_position_embeddings=-3
+            ),
+            ValueError,
+            "`decoder_max_position_embeddings` must be >= 1, got -3",
+        ),
+        (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
     ],
 )
 def test_bad_config_raises_at_construction(overrides, error, words):
     with pytest.raises(error, match=__import__("re").escape(words)):
         tiny_config(**overrides)
+
+
+def test_a_config_changed_after_construction_is_checked_when_validated_or_saved(tmp_path):
+    config = tiny_config()
+    config.route_topk = 0
+    with pytest.raises(ValueError, match="`route_topk` must be >= 1, got 0"):
+        config.validate()
+    with pytest.raises(ValueError, match="`route_topk` must be >= 1, got 0"):
+        config.save_pretrained(tmp_path)
 
 
 def test_config_round_trip_and_defaults(tmp_path):
@@ -309,6 +347,50 @@ def test_bad_inputs_raise():
         model(torch.randint(4, 99, (1, 5)), attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match=r"`input_ids` must have shape \(batch, seq\)"):
         model(torch.randint(4, 99, (5,)))
+
+
+@pytest.mark.parametrize(
+    "inputs, error, words",
+    [
+        (dict(input_ids=torch.rand(2, 9)), TypeError, "`input_ids` must hold integer ids, got a tensor of dtype torch.float32"),
+        (dict(input_ids=torch.full((2, 9), 99)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from 99 to 99"),
+        (dict(input_ids=torch.full((2, 9), -1)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from -1"),
+        (dict(token_type_ids=torch.full((2, 9), 2)), ValueError, "`token_type_ids` must be in [0, type_vocab_size=2), got values from 2"),
+        (dict(token_type_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "`token_type_ids` must have shape (batch, seq) = (2, 9), got (2, 5)"),
+        (dict(position_ids=torch.arange(9)[None] + 60), ValueError, "`position_ids` must be in [0, max_position_embeddings=64)"),
+        (dict(position_ids=torch.arange(5)[None]), ValueError, "`position_ids` must have shape (batch, seq) = (2, 9) or (1, 9), got (1, 5)"),
+        (dict(attention_mask=torch.full((2, 9), 2)), ValueError, "`attention_mask` must hold 1 for real tokens and 0 for padding, got the value 2"),
+        (dict(attention_mask=torch.zeros(2, 9).masked_fill(torch.rand(2, 9) < 0.3, float("-inf"))), ValueError, "an additive mask (0 / -inf) is not a padding mask"),
+        (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 16)), ValueError, "`inputs_embeds` must have width 32 (the token embeddings'), got 16"),
+        (dict(input_ids=torch.zeros(0, 9, dtype=torch.long)), ValueError, "the inputs are empty: (batch, seq) = (0, 9)"),
+    ],
+)  # fmt: skip
+def test_bad_input_values_raise_naming_the_argument(inputs, error, words):
+    model = eval_model(DualRouteModel, max_position_embeddings=64)
+    arguments = {"input_ids": torch.randint(4, 99, (2, 9)), **inputs}
+    with pytest.raises(error, match=__import__("re").escape(words)):
+        model(**arguments)
+
+
+def test_cls_pooling_reads_the_first_real_token_under_left_padding():
+    """A left-padded row classifies like the same tokens alone (at full top-k: routing sees the same blocks)."""
+    model = eval_model(route_topk=8, classifier_pooling="cls")
+    tokens = torch.randint(4, 99, (1, 7))
+    alone = model(tokens).logits
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), tokens], dim=1)
+    mask = torch.tensor([[0, 0, 0] + [1] * 7])
+    torch.testing.assert_close(model(padded, attention_mask=mask).logits, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
+    model = eval_model()
+    input_ids, attention_mask = random_batch(model.config)
+    loss = model(input_ids, attention_mask=attention_mask, labels=torch.full((3,), -100)).loss
+    assert loss.item() == 0.0
+    counted = model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, -100, 1])).loss
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 1]))
+    torch.testing.assert_close(counted, expected)
 
 
 def test_custom_4d_mask_with_dualroute_raises_clearly():

@@ -375,6 +375,26 @@ def test_bad_inputs_raise():
         model(input_ids, attention_mask=attention_mask, decoder_input_ids=torch.ones(2, 20, dtype=torch.long))
     with pytest.raises(ValueError, match=r"`decoder_attention_mask` must have shape"):
         model(input_ids, decoder_input_ids=torch.ones(2, 5, dtype=torch.long), decoder_attention_mask=torch.ones(2, 4))
+    # the mask describes the encoder's tokens, also when the encoder ran before (encoder_outputs)
+    encoder_outputs = model.get_encoder()(input_ids, attention_mask=attention_mask)
+    with pytest.raises(ValueError, match=r"`attention_mask` must have shape \(batch, seq\) = \(2, 23\), got \(5, 3\)"):
+        model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=torch.ones(5, 3),
+            decoder_input_ids=torch.ones(2, 5, dtype=torch.long),
+        )
+
+
+def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    loss = model(input_ids, attention_mask=attention_mask, labels=torch.full((2, 5), -100)).loss
+    assert loss.item() == 0.0
+    labels = torch.randint(4, 99, (2, 5))
+    labels[1, 2:] = -100
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits.view(-1, 99), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_seq2seq_pipeline(tmp_path):
