@@ -1,7 +1,7 @@
 """Attention alone: dense SDPA against each DualRoute backend, in one run, on this machine.
 
     python benchmarks/bench_attention.py                  # N = 1k ... 32k, writes results/attention_cpu.json
-    python benchmarks/bench_attention.py --lengths 1024 4096 --no-memory   # a quick look
+    python benchmarks/bench_attention.py --lengths 1024 4096 --causal-lengths 4096 --no-memory --out attention_quick.json
     python benchmarks/bench_attention.py --scaling-only   # re-measures only the scaling rows of the JSON
 
 Settings: batch 1, 8 heads, head_dim 64, block 64, top-k 8, one global block, float32, bidirectional (the encoder)

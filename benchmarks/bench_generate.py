@@ -1,7 +1,7 @@
 """Time per generated token against encoder length: DualRoute vs the same weights with dense attention.
 
     python benchmarks/bench_generate.py                       # encoder 1k ... 32k, writes results/generate_cpu.json
-    python benchmarks/bench_generate.py --lengths 1024 4096   # a quick look
+    python benchmarks/bench_generate.py --lengths 1024 4096 --out generate_quick.json   # a quick look
 
 The model is the `small-seq2seq` shape (6 + 6 layers, hidden 512, 8 heads, FFN 2048, vocabulary 30,522, RoPE, block
 64, top-8, one global block) with random weights, float32. The dense twin is the very same model with

@@ -2,7 +2,7 @@
 scratch on the same data with the same budget and scored by where the fact sits.
 
     python benchmarks/bench_retrieval.py                    # the full run -> results/retrieval.{json,png}
-    python benchmarks/bench_retrieval.py --quick            # a few minutes: short lengths, few steps, small eval
+    python benchmarks/bench_retrieval.py --quick            # a few minutes -> results/retrieval_quick.json
     python benchmarks/bench_retrieval.py --models dualroute window --lengths 1024 --steps 300 --out /tmp/r.json
     python benchmarks/bench_retrieval.py --time-steps-only     # re-time training steps into results/retrieval.json
 
@@ -784,7 +784,9 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("--rope-theta", type=float)
     parser.add_argument("--question", choices=LAYOUTS)
     parser.add_argument("--insert", choices=["sentence", "token"])
-    parser.add_argument("--out", default="retrieval.json")
+    parser.add_argument(
+        "--out", default=None, help="file under results/ (default retrieval.json; --quick: retrieval_quick.json)"
+    )
     parser.add_argument(
         "--time-steps-only",
         action="store_true",
@@ -802,7 +804,8 @@ def parse_args(argv=None) -> dict:
     if args.steps:
         total = sum(s for _, s in settings["stages"])
         settings["stages"] = [[n, max(1, round(s * args.steps / total))] for n, s in settings["stages"]]
-    settings["out"], settings["time_steps_only"] = args.out, args.time_steps_only
+    settings["out"] = args.out or ("retrieval_quick.json" if args.quick else "retrieval.json")
+    settings["time_steps_only"] = args.time_steps_only
     return settings
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -64,6 +65,11 @@ def fill_model_card(
     """Builds the card for the checkpoint in ``folder`` and writes it to ``folder/README.md``. Without ``results`` the
     card carries the project's measured quality results (`project_results`)."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no config.json: pass a checkpoint folder (one that `dualroute convert` or "
+            "`save_pretrained` wrote)."
+        )
     results = project_results() if results is None else results
     config = json.loads((folder / "config.json").read_text())
     architecture = (config.get("architectures") or ["DualRouteModel"])[0]
@@ -114,15 +120,19 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model")
     parser.add_argument("--dataset", action="append")
     args = parser.parse_args(argv)
-    results = Path(args.results).read_text() if args.results else None
-    fill_model_card(
-        args.folder,
-        model_id=args.model_id,
-        description=args.description,
-        results=results,
-        base_model=args.base_model,
-        datasets=args.dataset,
-    )
+    try:
+        results = Path(args.results).read_text() if args.results else None
+        fill_model_card(
+            args.folder,
+            model_id=args.model_id,
+            description=args.description,
+            results=results,
+            base_model=args.base_model,
+            datasets=args.dataset,
+        )
+    except (OSError, ValueError) as error:
+        print(f"fill_card: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {Path(args.folder) / 'README.md'}")
     return 0
 

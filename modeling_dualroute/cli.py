@@ -14,7 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="convert a real pretrained encoder, classify with pipeline(), show routing"
     )
     demo.add_argument("--out", default="outputs/demo-model", help="where the demo saves its checkpoint")
-    commands.add_parser("fetch-assets", help="fetch the offline assets (pretrained MiniLM, news, reviews)")
+    commands.add_parser(
+        "fetch-assets", help="fetch the offline assets (pretrained MiniLM, news, reviews); prints the MiniLM folder"
+    )
     convert = commands.add_parser("convert", help="convert a dense BERT-family or BART checkpoint to DualRoute")
     convert.add_argument("src", help="local checkpoint folder or Hub name")
     convert.add_argument("out", help="output folder")
@@ -36,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     if args.command == "fetch-assets":
-        from .assets import fetch_all
+        from .assets import fetch_all, minilm_dir
 
         for path in fetch_all():
             print(f"ok {path}")
+        print(f"pretrained all-MiniLM-L6-v2 (a checkpoint folder for `dualroute convert`): {minilm_dir()}")
         return 0
     if args.command == "convert":
         from .conversion import convert as convert_checkpoint

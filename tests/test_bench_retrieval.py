@@ -310,3 +310,9 @@ def test_plot_writes_a_png(bench, tmp_path):
     path = tmp_path / "retrieval.png"
     bench.plot(synthetic_payload(bench), path)
     assert path.stat().st_size > 1000
+
+
+def test_a_quick_run_does_not_overwrite_the_committed_results(bench):
+    assert bench.parse_args([])["out"] == "retrieval.json"
+    assert bench.parse_args(["--quick"])["out"] == "retrieval_quick.json"
+    assert bench.parse_args(["--quick", "--out", "mine.json"])["out"] == "mine.json"

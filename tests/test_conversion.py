@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,12 @@ def test_cli_convert(tmp_path, capsys):
     assert config["route_block_size"] == 8 and config["layer_types"] == ["dualroute_attention", "full_attention"]
     assert cli(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "cannot read a checkpoint" in capsys.readouterr().err
+
+
+def test_cli_fetch_assets_names_the_pretrained_folder_to_convert(capsys):
+    assert cli(["fetch-assets"]) == 0
+    folder = capsys.readouterr().out.splitlines()[-1].split(": ")[-1]
+    assert (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -90,3 +90,8 @@ def test_model_card_carries_the_project_results_by_default(tmp_path):
         "fidelity_minilm", "finetune", "retrieval", "headlines"
     ]  # fmt: skip
     assert "No results recorded yet." not in text
+
+
+def test_fill_card_command_names_a_folder_without_a_checkpoint(tmp_path, capsys):
+    assert load_fill_card().main([str(tmp_path / "missing")]) == 2
+    assert "holds no config.json: pass a checkpoint folder" in capsys.readouterr().err
