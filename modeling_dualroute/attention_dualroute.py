@@ -21,6 +21,7 @@ meet one contract: the output equals dense softmax attention under the mask
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from .decode_dualroute import decode_attention
 from .flex_dualroute import check_flex_available, flex_attention_from_plan
 from .gather_dualroute import gather_attention, tile_plan_from_routes
-from .routing_dualroute import _route_checked, check_routing_inputs, num_blocks, routes_per_token
+from .routing_dualroute import _check_tensor, _route_checked, check_routing_inputs, num_blocks, routes_per_token
 from .token_gather_dualroute import token_gather_attention
 
 
@@ -240,6 +241,11 @@ def routed_attention_with_plan(
     ``key_descriptors``: see `route_blocks` (a cache passes its reader, so that a call that runs dense attention,
     e.g. over a decoder's first ``top_k`` blocks, never computes descriptors)."""
     check_backend(backend)
+    _check_tensor("value", value, "(batch, kv_heads, k_len, head_dim)")  # route_blocks takes no value; attention does
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"`scale` must be a number (or None: head_dim ** -0.5), got {scale!r}.")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"`scale` must be a finite number > 0, got {scale}.")
     key_padding_mask, query_padding_mask = check_routing_inputs(
         query,
         key,

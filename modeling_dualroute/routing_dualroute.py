@@ -60,7 +60,11 @@ def _normalize_padding_mask(name: str, mask, batch: int, length: int, device: to
         raise ValueError(f"`{name}` must have shape (batch, seq) = ({batch}, {length}), got {tuple(mask.shape)}.")
     if mask.device != device:
         raise ValueError(f"`{name}` is on {mask.device} but the attention inputs are on {device}.")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"`{name}` must hold 1 (or True) for real tokens and 0 for padding, got other values.")
+    return mask != 0
 
 
 def check_routing_inputs(
@@ -96,12 +100,14 @@ def check_routing_inputs(
         raise ValueError(f"`key` has batch size {key.shape[0]} but `query` has {batch}.")
     if key.shape[-1] != head_dim:
         raise ValueError(f"`key` has head_dim {key.shape[-1]} but `query` has {head_dim}.")
-    if q_heads % kv_heads != 0:
+    if kv_heads and q_heads % kv_heads != 0:
         raise ValueError(
             f"`query` heads ({q_heads}) must be a multiple of `key`/`value` heads ({kv_heads}) for grouped-query attention."
         )
     if q_len == 0 or k_len == 0:
         raise ValueError(f"`query` and `key` must hold at least one position, got q_len={q_len}, k_len={k_len}.")
+    if head_dim == 0 or kv_heads == 0:
+        raise ValueError(f"`query` and `key` need at least one head of head_dim >= 1, got {tuple(key.shape)}.")
     _check_int("block_size", block_size, 1)
     _check_int("top_k", top_k, 1)
     _check_int("global_blocks", global_blocks, 0)
@@ -390,6 +396,12 @@ def _route_checked(
         elif callable(key_descriptors):  # a cache's reader, asked only now that routing runs
             key_descriptors = key_descriptors()
         key_means, key_counts = key_descriptors
+        expected = (key.shape[0], key.shape[1], num_blocks(key.shape[2], block_size), key.shape[3])
+        if tuple(key_means.shape) != expected or tuple(key_counts.shape) != (expected[0], expected[2]):
+            raise ValueError(
+                f"`key_descriptors` must be (means {expected}, counts {(expected[0], expected[2])}) for these keys and "
+                f"block_size={block_size}, got means {tuple(key_means.shape)}, counts {tuple(key_counts.shape)}."
+            )
         per_token = routes_per_token(causal, cross)
         query_offset = key.shape[2] - query.shape[2] if causal else 0
         common = dict(block_size=block_size, top_k=top_k, causal=causal, cross=cross, global_blocks=global_blocks)

@@ -506,6 +506,28 @@ def test_bad_backend_and_dropout_raise():
         routed_attention_with_plan(q, q, q, block_size=4, top_k=2, need_weights=True, backend="gather")
 
 
+def test_bad_value_scale_masks_and_descriptors_raise():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(
+        TypeError, match=r"`value` must be a torch.Tensor of shape \(batch, kv_heads, k_len, head_dim\), got NoneType"
+    ):
+        routed_attention(q, q, None, block_size=4, top_k=2)
+    with pytest.raises(TypeError, match=r"`scale` must be a number \(or None: head_dim \*\* -0.5\), got 'a'"):
+        routed_attention(q, q, q, block_size=4, top_k=2, scale="a")
+    for bad in (float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="`scale` must be a finite number > 0"):
+            routed_attention(q, q, q, block_size=4, top_k=2, scale=bad)
+    with pytest.raises(ValueError, match="need at least one head of head_dim >= 1"):
+        routed_attention(q[..., :0], q[..., :0], q[..., :0], block_size=4, top_k=2)
+    with pytest.raises(
+        ValueError, match="`key_padding_mask` must hold 1 \\(or True\\) for real tokens and 0 for padding"
+    ):
+        routed_attention(q, q, q, block_size=4, top_k=2, key_padding_mask=torch.full((1, 8), 2))
+    means, counts = torch.zeros(1, 2, 3, 4), torch.ones(1, 3, dtype=torch.long)  # 3 blocks for 8 keys of block 4
+    with pytest.raises(ValueError, match=r"`key_descriptors` must be \(means \(1, 2, 2, 4\), counts \(1, 2\)\)"):
+        route_blocks(q, q, block_size=4, top_k=2, key_descriptors=(means, counts))
+
+
 def test_flex_on_cpu_with_gradients_raises_instead_of_falling_back():
     q = torch.randn(1, 2, 8, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="FlexAttention has no backward pass on CPU"):
