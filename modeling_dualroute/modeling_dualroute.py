@@ -353,6 +353,12 @@ class DualRouteAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         router_info = {} if _router_indices_requested() else None  # the plan costs routing work in dense layers
+        if router_info is not None and self.config._attn_implementation != "dualroute":
+            raise ValueError(
+                "router indices come from routing, which runs with attn_implementation='dualroute' only; this model "
+                f"runs {self.config._attn_implementation!r}: call model.set_attn_implementation('dualroute') or drop "
+                "output_router_indices."
+            )
         output, weights = attention_interface(
             self,
             query,

@@ -393,6 +393,15 @@ def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
     torch.testing.assert_close(counted, expected)
 
 
+def test_router_indices_under_dense_attention_raise():
+    model = eval_model(DualRouteModel)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(
+        ValueError, match="router indices come from routing, which runs with attn_implementation='dualroute'"
+    ):
+        model(torch.randint(4, 99, (1, 9)), output_router_indices=True)
+
+
 def test_custom_4d_mask_with_dualroute_raises_clearly():
     from modeling_dualroute.attention_dualroute import dualroute_attention_forward
 
