@@ -75,7 +75,7 @@ from common import (  # noqa: E402
 
 
 CONFIG = dict(
-    train_examples=1000,
+    train_examples=3000,  # 1,000 left both models writing degenerate titles (ROUGE-1 7-8); 3,000 doubled it
     eval_examples=100,
     max_source_length=128,
     min_source_tokens=128,  # only articles that fill the window: no padding, the encoder reads exactly 25%
