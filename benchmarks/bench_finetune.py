@@ -395,13 +395,15 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
     return rows
 
 
-def kept_runs(path: Path, rerun_tasks: list[str], variants: list[str], seeds: list[int]):
-    """The runs and task settings of the tasks not in ``rerun_tasks`` from a complete earlier result at ``path``."""
+def kept_runs(path: Path, rerun_tasks: list[str], variants: list[str], seeds: list[int], quick=False, max_steps=0):
+    """The runs and task settings of the tasks not in ``rerun_tasks`` from a complete earlier result at ``path``, made
+    with the same model, variants, seeds, data seed and run length (``quick``, ``max_steps``)."""
     if not path.exists():
         raise ValueError(f"--keep-other-tasks: there is no earlier result at {path} to keep runs from")
     earlier = json.loads(path.read_text())
     config = earlier["config"]
-    expected = {"model": MODEL, "variants": variants, "seeds": seeds, "data_seed": DATA_SEED}
+    expected = {"model": MODEL, "variants": variants, "seeds": seeds, "data_seed": DATA_SEED, "quick": quick,
+                "max_steps": max_steps}  # fmt: skip
     mismatched = {field: config.get(field) for field, value in expected.items() if config.get(field) != value}
     if not earlier.get("complete") or mismatched:
         raise ValueError(
@@ -456,7 +458,7 @@ def main(argv=None):
     runs, tasks_info = [], {}
     out = args.out or ("finetune_quick.json" if args.quick else "finetune.json")
     if args.keep_other_tasks:
-        runs, tasks_info = kept_runs(RESULTS / out, args.tasks, variants, seeds)
+        runs, tasks_info = kept_runs(RESULTS / out, args.tasks, variants, seeds, args.quick, args.max_steps)
 
     def save(complete: bool):
         """Writes what has been measured so far (after every run, so that an interrupted run keeps its results)."""

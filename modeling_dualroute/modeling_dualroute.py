@@ -96,15 +96,27 @@ def padding_aware_positions(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def check_ids(name: str, ids: torch.Tensor, size: int, size_name: str) -> None:
-    """Integer ids in ``[0, size)``: a clear error instead of an index error deep inside ``nn.Embedding``."""
+def check_ids(name: str, ids: torch.Tensor, size: int, size_name: str, shape: tuple[int, int] | None = None) -> None:
+    """Integer ids in ``[0, size)`` (and, given ``shape``, broadcastable to it): a clear error instead of an index or
+    broadcasting error deep inside ``nn.Embedding``. One host sync (none when compiling)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"`{name}` must hold integer ids, got a tensor of dtype {ids.dtype}.")
+    if shape is not None and (ids.ndim > 2 or _broadcast(ids.shape, shape) != shape):
+        raise ValueError(
+            f"`{name}` must have shape (batch, seq) = {shape} (or broadcast to it), got {tuple(ids.shape)}."
+        )
     if torch.compiler.is_compiling() or ids.numel() == 0:
         return
     low, high = torch.aminmax(ids)
-    if low < 0 or high >= size:
+    if bool((low < 0) | (high >= size)):
         raise ValueError(f"`{name}` must be in [0, {size_name}={size}), got values from {int(low)} to {int(high)}.")
+
+
+def _broadcast(a, b):
+    try:
+        return tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        return None
 
 
 class DualRouteEmbeddings(nn.Module):
@@ -133,33 +145,28 @@ class DualRouteEmbeddings(nn.Module):
         inputs_embeds: torch.Tensor | None,
         position_ids: torch.LongTensor,
         token_type_ids: torch.LongTensor | None = None,
+        prefix: str = "",
     ) -> torch.Tensor:
+        """``position_ids`` are the model's own (checked by the caller when a user passed them); ``prefix`` names the
+        arguments in errors (``"decoder_"`` for the decoder)."""
         if inputs_embeds is None:
-            check_ids("input_ids", input_ids, self.word_embeddings.num_embeddings, "vocab_size")
+            check_ids(f"{prefix}input_ids", input_ids, self.word_embeddings.num_embeddings, "vocab_size")
             inputs_embeds = self.word_embeddings(input_ids)
         elif inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim:
             raise ValueError(
-                f"`inputs_embeds` must have width {self.word_embeddings.embedding_dim} (the token embeddings'), got "
-                f"{inputs_embeds.shape[-1]}."
+                f"`{prefix}inputs_embeds` must have width {self.word_embeddings.embedding_dim} (the token "
+                f"embeddings'), got {inputs_embeds.shape[-1]}."
             )
         embeddings = inputs_embeds * self.embed_scale if self.embed_scale != 1.0 else inputs_embeds
         shape = tuple(embeddings.shape[:2])
         if self.token_type_embeddings is not None:  # without token types (BART) a tokenizer's zeros are ignored
             if token_type_ids is None:
                 token_type_ids = torch.zeros(shape, dtype=torch.long, device=embeddings.device)
-            check_ids("token_type_ids", token_type_ids, self.token_type_embeddings.num_embeddings, "type_vocab_size")
-            if tuple(token_type_ids.shape) != shape:
-                raise ValueError(
-                    f"`token_type_ids` must have shape (batch, seq) = {shape}, got {tuple(token_type_ids.shape)}."
-                )
+            else:
+                size = self.token_type_embeddings.num_embeddings
+                check_ids("token_type_ids", token_type_ids, size, "type_vocab_size", shape)
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            check_ids("position_ids", position_ids, self.max_positions, "max_position_embeddings")
-            if position_ids.shape[-1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
-                raise ValueError(
-                    f"`position_ids` must have shape (batch, seq) = {shape} or (1, {shape[1]}), got "
-                    f"{tuple(position_ids.shape)}."
-                )
             embeddings = embeddings + self.position_embeddings(position_ids + self.position_offset)
         embeddings = self.dropout(self.LayerNorm(embeddings))
         return self.project(embeddings) if self.project is not None else embeddings
@@ -560,6 +567,10 @@ class DualRouteModel(DualRoutePreTrainedModel):
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if position_ids is None:
             position_ids = padding_aware_positions(attention_mask, length, 0, device).expand(batch, -1)
+        elif self.embeddings.position_embeddings is not None:
+            check_ids(
+                "position_ids", position_ids, self.embeddings.max_positions, "max_position_embeddings", (batch, length)
+            )
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
         mask = create_bidirectional_mask(
@@ -570,17 +581,19 @@ class DualRouteModel(DualRoutePreTrainedModel):
         return DualRouteModelOutput(last_hidden_state=hidden_states)
 
 
-def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
-    """Exactly one of ids / embeddings, with a matching mask; returns ``(batch, seq)``."""
+def check_inputs(input_ids, inputs_embeds, attention_mask, prefix: str = "") -> tuple[int, int]:
+    """Exactly one of ids / embeddings, with a matching mask; returns ``(batch, seq)``. ``prefix`` names the
+    arguments in errors (``"decoder_"`` for the decoder)."""
+    ids, embeds = f"{prefix}input_ids", f"{prefix}inputs_embeds"
     if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of `input_ids` (batch, seq) or `inputs_embeds` (batch, seq, width).")
+        raise ValueError(f"pass exactly one of `{ids}` (batch, seq) or `{embeds}` (batch, seq, width).")
     if input_ids is not None and input_ids.ndim != 2:
-        raise ValueError(f"`input_ids` must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+        raise ValueError(f"`{ids}` must have shape (batch, seq), got {tuple(input_ids.shape)}.")
     if inputs_embeds is not None and inputs_embeds.ndim != 3:
-        raise ValueError(f"`inputs_embeds` must have shape (batch, seq, width), got {tuple(inputs_embeds.shape)}.")
+        raise ValueError(f"`{embeds}` must have shape (batch, seq, width), got {tuple(inputs_embeds.shape)}.")
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if batch == 0 or length == 0:
-        raise ValueError(f"the inputs are empty: (batch, seq) = ({batch}, {length}); pass at least one token.")
+        raise ValueError(f"`{ids if input_ids is not None else embeds}` is empty: (batch, seq) = ({batch}, {length}).")
     check_padding_mask("attention_mask", attention_mask, batch, length)
     return batch, length
 
@@ -643,7 +656,7 @@ class DualRouteDecoder(DualRoutePreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DualRouteDecoderOutput:
-        batch, length = check_inputs(input_ids, inputs_embeds, None)
+        batch, length = check_inputs(input_ids, inputs_embeds, None, prefix="decoder_")
         if encoder_hidden_states is None:
             raise ValueError("the decoder needs `encoder_hidden_states` (batch, source_len, hidden).")
         if use_cache and cache is None:
@@ -661,7 +674,7 @@ class DualRouteDecoder(DualRoutePreTrainedModel):
             )
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         position_ids = torch.arange(past_length, past_length + length, device=device)[None, :].expand(batch, -1)
-        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids)
+        hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, prefix="decoder_")
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         mask = create_causal_mask(
@@ -932,6 +945,11 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
             kwargs["output_cross_router_indices"] = True
         if labels is not None:
             use_cache = False
+            vocab_size = self.config.vocab_size
+            if not torch.compiler.is_compiling() and bool(
+                ((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()
+            ):
+                raise ValueError(f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored).")
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if encoder_outputs is None:
@@ -945,8 +963,10 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
         else:
             if not isinstance(encoder_outputs, BaseModelOutput):
                 encoder_outputs = DualRouteModelOutput(*encoder_outputs)
-            # the mask describes the encoder's tokens: it must match the hidden states handed over
-            check_padding_mask("attention_mask", attention_mask, *encoder_outputs.last_hidden_state.shape[:2])
+            # the mask describes the encoder's tokens: it must match the hidden states handed over (checked at the
+            # first step; generate() hands the same mask to every later one)
+            if cache is None or cache.get_seq_length() == 0:
+                check_padding_mask("attention_mask", attention_mask, *encoder_outputs.last_hidden_state.shape[:2])
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,

@@ -156,14 +156,19 @@ def test_rerunning_one_task_keeps_the_other_tasks_runs(finetune, tmp_path):
     earlier = synthetic_finetune_payload(finetune)
     earlier["runs"] += [dict(run, task="rotten_tomatoes") for run in earlier["runs"]]
     earlier["tasks"]["rotten_tomatoes"] = {"options": dict(finetune.TASKS["rotten_tomatoes"])}
-    earlier["config"].update(variants=finetune.VARIANTS, data_seed=finetune.DATA_SEED)
+    earlier["config"].update(variants=finetune.VARIANTS, data_seed=finetune.DATA_SEED, max_steps=0)
     earlier["complete"] = True
     path = tmp_path / "finetune.json"
     path.write_text(json.dumps(earlier))
     runs, tasks = finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0, 1, 2])
     assert runs == [run for run in earlier["runs"] if run["task"] == "news"] and list(tasks) == ["news"]
-    with pytest.raises(ValueError, match=r"same \['data_seed', 'model', 'seeds', 'variants'\].*differing: \{'seeds'"):
+    with pytest.raises(
+        ValueError,
+        match=r"same \['data_seed', 'max_steps', 'model', 'quick', 'seeds', 'variants'\].*differing: \{'seeds'",
+    ):
         finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0])
+    with pytest.raises(ValueError, match=r"differing: \{'max_steps': 0\}"):
+        finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0, 1, 2], max_steps=5)
     path.write_text(json.dumps(dict(earlier, complete=False)))
     with pytest.raises(ValueError, match="is not a complete run"):
         finetune.kept_runs(path, ["rotten_tomatoes"], finetune.VARIANTS, [0, 1, 2])

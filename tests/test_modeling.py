@@ -356,13 +356,13 @@ def test_bad_inputs_raise():
         (dict(input_ids=torch.full((2, 9), 99)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from 99 to 99"),
         (dict(input_ids=torch.full((2, 9), -1)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from -1"),
         (dict(token_type_ids=torch.full((2, 9), 2)), ValueError, "`token_type_ids` must be in [0, type_vocab_size=2), got values from 2"),
-        (dict(token_type_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "`token_type_ids` must have shape (batch, seq) = (2, 9), got (2, 5)"),
+        (dict(token_type_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "`token_type_ids` must have shape (batch, seq) = (2, 9) (or broadcast to it), got (2, 5)"),
         (dict(position_ids=torch.arange(9)[None] + 60), ValueError, "`position_ids` must be in [0, max_position_embeddings=64)"),
-        (dict(position_ids=torch.arange(5)[None]), ValueError, "`position_ids` must have shape (batch, seq) = (2, 9) or (1, 9), got (1, 5)"),
+        (dict(position_ids=torch.arange(5)[None]), ValueError, "`position_ids` must have shape (batch, seq) = (2, 9) (or broadcast to it), got (1, 5)"),
         (dict(attention_mask=torch.full((2, 9), 2)), ValueError, "`attention_mask` must hold 1 for real tokens and 0 for padding, got the value 2"),
         (dict(attention_mask=torch.zeros(2, 9).masked_fill(torch.rand(2, 9) < 0.3, float("-inf"))), ValueError, "an additive mask (0 / -inf) is not a padding mask"),
         (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 16)), ValueError, "`inputs_embeds` must have width 32 (the token embeddings'), got 16"),
-        (dict(input_ids=torch.zeros(0, 9, dtype=torch.long)), ValueError, "the inputs are empty: (batch, seq) = (0, 9)"),
+        (dict(input_ids=torch.zeros(0, 9, dtype=torch.long)), ValueError, "`input_ids` is empty: (batch, seq) = (0, 9)"),
     ],
 )  # fmt: skip
 def test_bad_input_values_raise_naming_the_argument(inputs, error, words):
@@ -370,6 +370,15 @@ def test_bad_input_values_raise_naming_the_argument(inputs, error, words):
     arguments = {"input_ids": torch.randint(4, 99, (2, 9)), **inputs}
     with pytest.raises(error, match=__import__("re").escape(words)):
         model(**arguments)
+
+
+def test_position_and_token_type_ids_that_broadcast_are_accepted():
+    model = eval_model(DualRouteModel)
+    input_ids = torch.randint(4, 99, (2, 9))
+    expected = model(input_ids).last_hidden_state
+    for extra in (dict(position_ids=torch.arange(9)), dict(position_ids=torch.arange(9)[None]),
+                  dict(token_type_ids=torch.zeros(1, 9, dtype=torch.long))):  # fmt: skip
+        torch.testing.assert_close(model(input_ids, **extra).last_hidden_state, expected)
 
 
 def test_cls_pooling_reads_the_first_real_token_under_left_padding():

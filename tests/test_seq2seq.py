@@ -385,6 +385,19 @@ def test_bad_inputs_raise():
         )
 
 
+def test_bad_decoder_inputs_name_the_decoder_argument():
+    model = make_model()
+    input_ids, attention_mask = source(model)
+    with pytest.raises(ValueError, match=r"`decoder_input_ids` must be in \[0, vocab_size=99\), got values from 500"):
+        model(input_ids, attention_mask=attention_mask, decoder_input_ids=torch.full((2, 4), 500))
+    labels = torch.randint(4, 99, (2, 4))
+    labels[0, 1] = -1
+    with pytest.raises(ValueError, match=r"`labels` must be token ids in \[0, vocab_size=99\) or -100"):
+        model(input_ids, attention_mask=attention_mask, labels=labels)
+    with pytest.raises(ValueError, match=r"`decoder_inputs_embeds` must have width 32"):
+        model(input_ids, attention_mask=attention_mask, decoder_inputs_embeds=torch.randn(2, 4, 16))
+
+
 def test_a_batch_whose_labels_are_all_ignored_has_zero_loss_not_nan():
     model = make_model()
     input_ids, attention_mask = source(model)
