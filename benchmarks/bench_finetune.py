@@ -423,8 +423,8 @@ def main(argv=None):
     parser.add_argument(
         "--keep-other-tasks",
         action="store_true",
-        help="keep the runs of the tasks not given to --tasks from the existing output file (same models, variants, "
-        "seeds and data seed), so that one task can be rerun without rerunning the other",
+        help="keep the runs of the tasks not given to --tasks from the existing output file (same model, variants, "
+        "seeds, data seed and run length), so that one task can be rerun without rerunning the other",
     )
     add_run_arguments(parser)
     for task, options in TASKS.items():

@@ -183,9 +183,6 @@ class DualRouteConfig(PreTrainedConfig):
                 f"`{name}` must name one of transformers' activations ({', '.join(_activation_names())}), "
                 f"got {value!r}.",
             )
-        for name in ("intermediate_size", "decoder_intermediate_size", "decoder_max_position_embeddings"):
-            value = getattr(self, name)
-            need(value is None or value >= 1, f"`{name}` must be >= 1, got {value}.")
         need(
             self.embedding_size is None or self.embedding_size >= 1,
             f"`embedding_size` must be >= 1 (or None: hidden_size), got {self.embedding_size}.",
@@ -212,8 +209,13 @@ class DualRouteConfig(PreTrainedConfig):
             "num_attention_heads",
             "num_hidden_layers",
             "vocab_size",
+            "max_position_embeddings",
+            "intermediate_size",
+            "decoder_intermediate_size",  # the decoder's sizes are None for an encoder-only config
+            "decoder_max_position_embeddings",
         ):
-            need(getattr(self, name) >= 1, f"`{name}` must be >= 1, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"`{name}` must be >= 1, got {value}.")
         need(self.route_global_blocks >= 0, f"`route_global_blocks` must be >= 0, got {self.route_global_blocks}.")
         need(
             self.route_topk >= 1 + self.route_global_blocks,
@@ -231,10 +233,6 @@ class DualRouteConfig(PreTrainedConfig):
         need(
             self.classifier_pooling in ("cls", "mean"),
             f"`classifier_pooling` must be 'cls' or 'mean', got {self.classifier_pooling!r}.",
-        )
-        need(
-            self.max_position_embeddings >= 1,
-            f"`max_position_embeddings` must be >= 1, got {self.max_position_embeddings}.",
         )
         need(self.position_offset >= 0, f"`position_offset` must be >= 0, got {self.position_offset}.")
         self._check_heads(

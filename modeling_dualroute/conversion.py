@@ -293,6 +293,7 @@ def convert(
     """
     from .configuration_dualroute import DualRouteConfig
     from .modeling_dualroute import DualRouteForSequenceClassification, DualRouteModel
+    from .routing_dualroute import _check_int
 
     DualRouteForConditionalGeneration = _seq2seq_class()
 
@@ -300,17 +301,10 @@ def convert(
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
     routing = dict(route_block_size=block_size, route_topk=topk, route_global_blocks=global_blocks)
     DualRouteConfig(**routing)  # bad routing settings fail here, before the source checkpoint is read
-    for name, value, low in (
-        ("max_position_embeddings", max_position_embeddings, 1),
-        ("num_labels", num_labels, 1),
-        ("dense_last_layers", dense_last_layers, 0),
-    ):
-        if value is None and name != "dense_last_layers":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
-        if value < low:
-            raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+    _check_int("dense_last_layers", dense_last_layers, 0)
+    for name, value in (("max_position_embeddings", max_position_embeddings), ("num_labels", num_labels)):
+        if value is not None:
+            _check_int(name, value, 1)
     source_config, state = _load_source(src)
     family = source_config.model_type
     has_classifier = any(name.endswith("ForSequenceClassification") for name in (source_config.architectures or []))

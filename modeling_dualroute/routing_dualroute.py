@@ -100,14 +100,14 @@ def check_routing_inputs(
         raise ValueError(f"`key` has batch size {key.shape[0]} but `query` has {batch}.")
     if key.shape[-1] != head_dim:
         raise ValueError(f"`key` has head_dim {key.shape[-1]} but `query` has {head_dim}.")
-    if kv_heads and q_heads % kv_heads != 0:
+    if head_dim == 0 or kv_heads == 0:
+        raise ValueError(f"`query` and `key` need at least one head of head_dim >= 1, got {tuple(key.shape)}.")
+    if q_heads % kv_heads != 0:
         raise ValueError(
             f"`query` heads ({q_heads}) must be a multiple of `key`/`value` heads ({kv_heads}) for grouped-query attention."
         )
     if q_len == 0 or k_len == 0:
         raise ValueError(f"`query` and `key` must hold at least one position, got q_len={q_len}, k_len={k_len}.")
-    if head_dim == 0 or kv_heads == 0:
-        raise ValueError(f"`query` and `key` need at least one head of head_dim >= 1, got {tuple(key.shape)}.")
     _check_int("block_size", block_size, 1)
     _check_int("top_k", top_k, 1)
     _check_int("global_blocks", global_blocks, 0)

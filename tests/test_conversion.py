@@ -125,7 +125,7 @@ def test_num_labels_asks_for_a_classifier_and_bad_settings_fail_before_loading(t
         (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
         (dict(num_labels=-2), ValueError, "`num_labels` must be >= 1, got -2"),
         (dict(max_position_embeddings=0), ValueError, "`max_position_embeddings` must be >= 1, got 0"),
-        (dict(dense_last_layers=1.5), TypeError, "`dense_last_layers` must be an int, got 1.5 of type float"),
+        (dict(dense_last_layers=1.5), TypeError, "`dense_last_layers` must be an int >= 0, got 1.5 of type float"),
         (dict(topk=0), ValueError, "`route_topk` must be >= 1, got 0"),
     ):
         with pytest.raises(error, match=re.escape(words)):
