@@ -7,10 +7,16 @@ instead: the (token, block) pairs of the plan are sorted by block, and each bloc
 ``rows`` tokens. A piece is one small matmul of its tokens' queries (all heads of the group) against one key block,
 so the work is exactly ``tokens * top_k * block_size`` scores plus the padding of each block's last piece.
 
-A token's softmax spans the pieces of its k blocks, which sit in different chunks. The forward pass therefore runs
-twice over the pieces: first to find each row's maximum score (scatter-max), then to accumulate the exponentials, their
-sums and the weighted values (scatter-add). The backward pass is flash-style from the saved log-sum-exp, like the tile
-kernel in `gather_dualroute.py`; both are tested against the `reference` backend.
+A token's softmax spans the pieces of its k blocks, which sit in different chunks, so its maximum score is not known
+when the first of them is computed. The softmax does not need the maximum, only a shift ``m`` that keeps ``exp(s - m)``
+finite and the largest term from underflowing: any score the row can see is such a shift when the row's scores lie
+within ~80 of each other. The forward pass therefore first computes only each row's *anchor* piece (the one holding its
+highest selected block: for a causal token, its own block, about 1/k of the work) and takes the row maximum there
+(scatter-max), then makes one pass over all pieces accumulating ``exp(s - m)``, their sums and the weighted values
+(scatter-add). If a sum or an output is not finite, or a row without a visible anchor score underflowed, the call is
+recomputed with the exact row maxima of all pieces (the twice-over-the-pieces forward this replaced), so the result
+never depends on the shortcut. The backward pass is flash-style from the saved log-sum-exp, like the tile kernel in
+`gather_dualroute.py`; both are tested against the `reference` backend.
 """
 
 from __future__ import annotations
@@ -70,6 +76,14 @@ class _Pieces:
         self.n_pieces = int(pieces_per_block.sum())
         self.piece_rows = torch.full((self.n_pieces, self.rows), self.n_rows, dtype=torch.long, device=device)
         self.piece_rows[piece, rank % self.rows] = pair_row  # padding points at an extra, all-masked row
+        # each row's anchor: the piece of its highest selected block (pieces follow block order)
+        anchor = torch.full((self.n_rows,), -1, dtype=torch.long, device=device)
+        anchor.scatter_reduce_(0, pair_row, piece, reduce="amax")
+        self.anchor_pieces = torch.unique(anchor[anchor >= 0])  # sorted
+        # whether each score row (row, group head; the extra padding row last) has any selected block
+        self.row_has_blocks = torch.cat([anchor >= 0, anchor.new_zeros(1, dtype=torch.bool)]).repeat_interleave(
+            self.group
+        )
         self.piece_block = torch.repeat_interleave(
             torch.arange(heads * self.n_key_blocks, device=device), pieces_per_block
         )
@@ -135,9 +149,12 @@ class _Pieces:
 
     # -- per chunk of pieces --------------------------------------------------------------------------------------------
 
-    def chunks(self):
-        for start in range(0, self.n_pieces, self.pieces_per_chunk):
-            yield slice(start, min(start + self.pieces_per_chunk, self.n_pieces))
+    def chunks(self, subset: torch.Tensor | None = None):
+        """Slices of all pieces, or index tensors of the pieces in ``subset``, ``pieces_per_chunk`` at a time."""
+        count = self.n_pieces if subset is None else subset.numel()
+        for start in range(0, count, self.pieces_per_chunk):
+            part = slice(start, min(start + self.pieces_per_chunk, count))
+            yield part if subset is None else subset[part]
 
     def workspace(self, *names: str) -> dict[str, torch.Tensor]:
         """Buffers for one chunk, allocated once per pass and reused (`workspace_view`): fresh multi-megabyte tensors
@@ -156,7 +173,7 @@ class _Pieces:
         device = self.piece_rows.device
         return {name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device) for name in names}
 
-    def scores(self, q_rows, k_blocks, chunk: slice, scale: float, work: dict):
+    def scores(self, q_rows, k_blocks, chunk, scale: float, work: dict):
         """Gathered queries ``(pieces, rows * group, d)``, keys ``(pieces, block, d)`` and masked scaled scores."""
         rows, blocks = self.piece_rows[chunk], self.piece_block[chunk]
         pieces, height = rows.shape[0], self.rows * self.group
@@ -168,7 +185,7 @@ class _Pieces:
             self.mask(scores, chunk)
         return queries, keys, scores
 
-    def mask(self, scores: torch.Tensor, chunk: slice) -> None:
+    def mask(self, scores: torch.Tensor, chunk) -> None:
         """Sets the invisible scores of the chunk's pieces that need a mask to ``-inf``."""
         masked = self.needs_mask[chunk].nonzero().squeeze(1)
         if masked.numel() == 0:
@@ -184,37 +201,61 @@ class _Pieces:
         part.masked_fill_(~visible, float("-inf"))
         scores.index_copy_(0, masked, part.view(masked.numel(), self.rows * self.group, self.block_size))
 
-    def row_index(self, chunk: slice) -> torch.Tensor:
+    def row_index(self, chunk) -> torch.Tensor:
         """Flat ``(row, group head)`` index of every score row of the chunk: ``(pieces * rows * group,)``."""
         rows = self.piece_rows[chunk]
         return (rows[:, :, None] * self.group + torch.arange(self.group, device=rows.device)).reshape(-1)
+
+
+def _row_max(pieces: _Pieces, q_rows, k_blocks, scale: float, work: dict, subset=None) -> torch.Tensor:
+    """Each row's maximum visible score over the pieces of ``subset`` (all pieces: ``None``); ``-inf`` where none."""
+    row_max = torch.full(
+        ((pieces.n_rows + 1) * pieces.group,), float("-inf"), dtype=q_rows.dtype, device=q_rows.device
+    )
+    for chunk in pieces.chunks(subset):
+        _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
+        row_max.scatter_reduce_(0, pieces.row_index(chunk), scores.amax(-1).reshape(-1), reduce="amax")
+    return row_max
+
+
+def _accumulate(pieces: _Pieces, q_rows, k_blocks, v_blocks, shift: torch.Tensor, scale: float, work: dict):
+    """One pass over all pieces: per row the sum of ``exp(score - shift)`` and the sum of those weights times the
+    values."""
+    row_sum = torch.zeros_like(shift)
+    out = torch.zeros(shift.numel(), pieces.dim, dtype=q_rows.dtype, device=q_rows.device)
+    for chunk in pieces.chunks():
+        _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
+        index = pieces.row_index(chunk)
+        probs = scores.sub_(shift[index].view(scores.shape[:2] + (1,))).exp_()
+        row_sum.index_add_(0, index, probs.sum(-1).reshape(-1))
+        values = select_into(v_blocks, pieces.piece_block[chunk], work["values"])
+        weighted = workspace_view(work["rows_out"], *probs.shape[:2], pieces.dim)
+        out.index_add_(0, index, torch.bmm(probs, values, out=weighted).view(-1, pieces.dim))
+    return row_sum, out
+
+
+# A row whose shift is not one of its own scores (no visible key in its anchor piece) has underflowed when its sum of
+# weights is below this: its scores all lie ~70 or more below the shift.
+_UNDERFLOW = 2.0**-100
 
 
 class _TokenGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, pieces: _Pieces, scale: float):
         q_rows, k_blocks, v_blocks = pieces.to_rows(query), pieces.to_blocks(key), pieces.to_blocks(value)
-        n = (pieces.n_rows + 1) * pieces.group
-        row_max = torch.full((n,), float("-inf"), dtype=q_rows.dtype, device=q_rows.device)
         work = pieces.workspace("queries", "keys", "values", "scores", "rows_out")
-        for chunk in pieces.chunks():  # pass 1: each row's maximum over all its pieces
-            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
-            row_max.scatter_reduce_(0, pieces.row_index(chunk), scores.amax(-1).reshape(-1), reduce="amax")
-        row_max = row_max.nan_to_num_(neginf=0.0)  # rows with no visible key
-        row_sum = torch.zeros(n, dtype=q_rows.dtype, device=q_rows.device)
-        out = torch.zeros(n, pieces.dim, dtype=q_rows.dtype, device=q_rows.device)
-        for chunk in pieces.chunks():  # pass 2: exponentials, their sums and the weighted values
-            _, _, scores = pieces.scores(q_rows, k_blocks, chunk, scale, work)
-            index = pieces.row_index(chunk)
-            probs = scores.sub_(row_max[index].view(scores.shape[:2] + (1,))).exp_()
-            row_sum.index_add_(0, index, probs.sum(-1).reshape(-1))
-            blocks = pieces.piece_block[chunk]
-            values = select_into(v_blocks, blocks, work["values"])
-            weighted = workspace_view(work["rows_out"], *probs.shape[:2], pieces.dim)
-            out.index_add_(0, index, torch.bmm(probs, values, out=weighted).view(-1, pieces.dim))
-        empty = row_sum == 0
+        anchor_max = _row_max(pieces, q_rows, k_blocks, scale, work, subset=pieces.anchor_pieces)
+        anchored = anchor_max > float("-inf")
+        shift = anchor_max.nan_to_num(neginf=0.0)
+        row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
+        unsafe = ~torch.isfinite(row_sum) | (~anchored & pieces.row_has_blocks & (row_sum < _UNDERFLOW))
+        if bool(unsafe.any()) or not bool(torch.isfinite(out).all()):
+            # the anchor's shift overflowed or underflowed somewhere: the exact row maxima over all pieces instead
+            shift = _row_max(pieces, q_rows, k_blocks, scale, work).nan_to_num_(neginf=0.0)
+            row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
+        empty = row_sum == 0  # rows with no visible key
         out = out / row_sum.masked_fill(empty, 1.0)[:, None]
-        lse = (row_max + row_sum.log()).masked_fill_(empty, float("inf"))
+        lse = (shift + row_sum.log()).masked_fill_(empty, float("inf"))
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.pieces, ctx.scale = pieces, scale
         return pieces.from_rows(out.view(pieces.n_rows + 1, pieces.group, pieces.dim)).to(query.dtype)

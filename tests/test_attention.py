@@ -132,6 +132,81 @@ def test_gather_is_chunked(monkeypatch, kind):
     assert_close_all(output_and_grads(query, key, value, options, "gather"), whole, atol=1e-6)
 
 
+def _count_row_max_passes(monkeypatch):
+    """Records, per call of the per-token kernel's `_row_max`, whether it ran over the anchor pieces or all pieces."""
+    import modeling_dualroute.token_gather_dualroute as token_gather
+
+    passes = []
+    original = token_gather._row_max
+
+    def counting(*args, subset=None, **kwargs):
+        passes.append("anchor" if subset is not None else "all")
+        return original(*args, subset=subset, **kwargs)
+
+    monkeypatch.setattr(token_gather, "_row_max", counting)
+    return passes
+
+
+def _far_apart_scores(padding: range = range(0)):
+    """Causal, 128 tokens of blocks of 64, top-2 (block 0 global, own block forced): every query is ``u``, the keys of
+    block 0 are ``30 u`` (scores ~+240 at the scale 1/8) and those of block 1 are ``-30 u`` (~-240); keys at the
+    positions in ``padding`` are padding."""
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0) * 8
+    query = u.expand(1, 2, 128, 64).clone()
+    key = torch.cat([30 * u.expand(1, 2, 64, 64), -30 * u.expand(1, 2, 64, 64)], dim=2).clone()
+    value = torch.randn(1, 2, 128, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 128, dtype=torch.bool)
+    mask[:, padding] = False
+    options = dict(block_size=64, top_k=2, global_blocks=1, causal=True, key_padding_mask=mask)
+    return query, key, value, options
+
+
+# Padding inside block 1 up to position 99: rows 64-99 see nothing of their own block (it is chosen, for its real keys
+# 100-127 lie in their future), so their anchor has no visible score and their shift is 0.
+UNANCHORED_ROWS = range(64, 100)
+
+
+def test_per_token_kernel_takes_one_pass_when_the_anchor_shift_is_safe(monkeypatch):
+    passes = _count_row_max_passes(monkeypatch)
+    p = dict(
+        kind="causal", batch=2, kv_heads=2, q_heads=4, q_len=300, k_len=300, dim=16, block_size=16, top_k=4,
+        global_blocks=1, padding="right", seed=5,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    assert_matches_reference(query, key, value, options, "gather")
+    assert passes == ["anchor"]
+
+
+@pytest.mark.parametrize(
+    "padding, why",
+    [
+        (range(0), "rows of block 1: the anchor (own block, ~-240) is far below block 0 (~+240): exp overflows"),
+        (UNANCHORED_ROWS, "rows without a visible anchor score get the shift 0, which block 0's ~+240 overflows"),
+    ],
+)
+def test_per_token_kernel_recomputes_exactly_when_the_anchor_shift_fails(monkeypatch, padding, why):
+    passes = _count_row_max_passes(monkeypatch)
+    query, key, value, options = _far_apart_scores(padding)
+    for t in (query, key, value):
+        t.requires_grad_(True)
+    assert_matches_reference(query, key, value, options, "gather", atol=1e-4)
+    assert passes == ["anchor", "all"], why
+
+
+def test_per_token_kernel_recomputes_exactly_when_an_unanchored_row_underflows(monkeypatch):
+    """A row without a visible anchor score gets the shift 0; if every score it can see is far below 0, its weights
+    underflow to 0 and it would read as having no visible key: recomputed with the exact maxima."""
+    passes = _count_row_max_passes(monkeypatch)
+    query, key, value, options = _far_apart_scores(UNANCHORED_ROWS)
+    key = -key  # block 0 now scores ~-240 for every query
+    with torch.no_grad():
+        expected = routed_attention(query, key, value, backend="reference", **options)
+        actual = routed_attention(query, key, value, backend="gather", **options)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    assert expected[:, :, UNANCHORED_ROWS].abs().amin(-1).gt(0).all()  # those rows do see block 0
+    assert passes == ["anchor", "all"]
+
+
 @pytest.mark.parametrize("tile_size", [1, 4, 16])
 @pytest.mark.parametrize("kind", ["causal", "cross"])
 def test_per_token_tile_kernel_matches_reference(kind, tile_size):
