@@ -97,11 +97,9 @@ def check_backends(n: int = 1024) -> dict:
 
 
 def repeats_for(n: int, method: str) -> tuple[int, int]:
-    """(warmup, repeats): fewer at large N where dense runs take tens of seconds."""
+    """(warmup, repeats): fewer dense runs at large N, where each takes seconds to a minute."""
     if method == "sdpa" and n >= 16384:
         return 0, 2
-    if n >= 16384:
-        return 1, 3
     return 1, 5
 
 
@@ -180,7 +178,7 @@ def main(argv=None):
 
 def measure_scaling(lengths: list[int], rounds: int = 8) -> list[dict]:
     """DualRoute's default backend (forward, bidirectional) alone at every length, the lengths taking turns for
-    ``rounds`` rounds: how its time grows with N, from more runs per length than the main pass has (3 at 16k and up)
+    ``rounds`` rounds: how its time grows with N, from more runs per length than the main pass has (5)
     and with no other method's runs in between."""
     calls = {n: (step("auto", "forward", n, causal=False), 1, rounds) for n in lengths}
     return [

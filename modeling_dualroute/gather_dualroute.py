@@ -206,9 +206,18 @@ class _Layout:
         for start in range(0, self.n_flat_tiles, self.tiles_per_chunk):
             yield slice(start, min(start + self.tiles_per_chunk, self.n_flat_tiles))
 
-    def gather(self, blocks: torch.Tensor, chunk: slice, out: torch.Tensor) -> torch.Tensor:
-        """The chunk's slot blocks, ``(tiles, slots * block_size, d)``, written into the workspace ``out``."""
-        return select_into(blocks, self.flat_blocks[chunk].reshape(-1), out).view(-1, self.keys_per_tile, self.dim)
+    def block_index(self, chunk: slice) -> torch.Tensor:
+        """Flat index of the chunk's slot blocks, ``(tiles * slots,)``."""
+        return self.flat_blocks[chunk].reshape(-1)
+
+    def gather(self, blocks: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The slot blocks ``index`` (`block_index`), ``(tiles, slots * block_size, d)``, written into ``out``."""
+        return select_into(blocks, index, out).view(-1, self.keys_per_tile, self.dim)
+
+    @property
+    def masked(self) -> bool:
+        """Whether any chunk has scores to mask (padding, empty slots, per-token rows, causality)."""
+        return any(x is not None for x in (self.key_valid, self.slot_valid, self.row_slots)) or self.causal
 
     def mask(self, chunk: slice) -> torch.Tensor | None:
         """Visibility ``(tiles, rows | 1, slots * block_size)`` of the chunk's scores, or ``None`` when all visible."""
@@ -233,9 +242,10 @@ class _Layout:
             mask = visible if mask is None else mask & visible
         return mask
 
-    def additive_mask(self, chunk: slice, out: torch.Tensor) -> torch.Tensor | None:
-        """The chunk's visibility as the flash kernel's float mask ``(tiles, 1, rows | 1, keys)``: 0 or ``-inf``."""
-        mask = self.mask(chunk)
+    def additive_mask(self, chunk: slice, out: torch.Tensor | None) -> torch.Tensor | None:
+        """The chunk's visibility as the flash kernel's float mask ``(tiles, 1, rows | 1, keys)``: 0 or ``-inf``;
+        ``None`` when nothing is masked (then ``out``, the workspace, may be ``None``)."""
+        mask = self.mask(chunk) if self.masked else None
         if mask is None:
             return None
         bias = workspace_view(out, *mask.shape)
@@ -254,8 +264,9 @@ class _Layout:
             out.masked_fill_(~mask, float("-inf"))
         return out
 
-    def workspace(self, *names: str) -> dict[str, torch.Tensor]:
-        """Buffers for one chunk, allocated once per pass and reused (fresh large allocations cost page faults)."""
+    def workspace(self, *names: str) -> dict[str, torch.Tensor | None]:
+        """Buffers for one chunk, allocated once per pass and reused (fresh large allocations cost page faults); the
+        mask's ``"bias"`` only when something is masked."""
         sizes = {
             "keys": self.tiles_per_chunk * self.keys_per_tile * self.dim,
             "values": self.tiles_per_chunk * self.keys_per_tile * self.dim,
@@ -264,7 +275,12 @@ class _Layout:
             "bias": self.tiles_per_chunk * self.rows * self.keys_per_tile,
         }
         device = self.key_valid.device if self.key_valid is not None else self.flat_blocks.device
-        return {name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device) for name in names}
+        return {
+            name: torch.empty(sizes[name], dtype=self.compute_dtype, device=device)
+            if name != "bias" or self.masked
+            else None
+            for name in names
+        }
 
 
 def _dropout_keep(shape, p: float, seed: int, chunk_index: int, device) -> torch.Tensor:
@@ -287,12 +303,14 @@ class _GatherAttention(torch.autograd.Function):
         else:
             work = layout.workspace("keys", "values", "bias")
             for chunk in layout.chunks():
-                keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+                index = layout.block_index(chunk)
+                keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
                 chunk_out, chunk_lse = _flash_forward(
-                    q[chunk][:, None], keys[:, None], values[:, None],
+                    q[chunk].unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
                     attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
                 )  # fmt: skip
-                out[chunk], lse[chunk] = chunk_out[:, 0], chunk_lse[:, 0]
+                out[chunk].copy_(chunk_out.squeeze(1))
+                lse[chunk].copy_(chunk_lse.squeeze(1))
         # q, k, v are saved in the kernel's layout (copies of the inputs, which are then free): the backward pass
         # does not copy them again
         ctx.save_for_backward(q, k, v, out, lse)
@@ -315,13 +333,14 @@ class _GatherAttention(torch.autograd.Function):
         else:
             work = layout.workspace("keys", "values", "bias")
             for chunk in layout.chunks():
-                keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+                index = layout.block_index(chunk)
+                keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
                 chunk_grad_q, grad_keys, grad_values = _flash_backward(
                     grad_o[chunk][:, None], q[chunk][:, None], keys[:, None], values[:, None], out[chunk][:, None],
                     lse[chunk][:, None], 0.0, False, attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
                 )  # fmt: skip
                 grad_q[chunk] = chunk_grad_q[:, 0]
-                _add_to_blocks(layout, chunk, grad_k, grad_keys, grad_v, grad_values)
+                _add_to_blocks(layout, index, grad_k, grad_keys, grad_v, grad_values)
         query_dtype, key_dtype, value_dtype = ctx.input_dtypes
         grad_query = layout.from_tiles(grad_q).to(query_dtype)
         grad_key = layout.from_blocks(grad_k).to(key_dtype)
@@ -329,24 +348,24 @@ class _GatherAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None, None, None
 
 
-def _add_to_blocks(layout: _Layout, chunk: slice, grad_k, grad_keys, grad_v, grad_values) -> None:
-    """Scatter-adds the chunk's gradients of its gathered slot blocks back onto the key/value blocks."""
-    flat = layout.flat_blocks[chunk].reshape(-1)
-    grad_k.index_add_(0, flat, grad_keys.reshape(-1, layout.block_size, layout.dim))
-    grad_v.index_add_(0, flat, grad_values.reshape(-1, layout.block_size, layout.dim))
+def _add_to_blocks(layout: _Layout, index: torch.Tensor, grad_k, grad_keys, grad_v, grad_values) -> None:
+    """Scatter-adds the gradients of the gathered slot blocks ``index`` back onto the key/value blocks."""
+    grad_k.index_add_(0, index, grad_keys.reshape(-1, layout.block_size, layout.dim))
+    grad_v.index_add_(0, index, grad_values.reshape(-1, layout.block_size, layout.dim))
 
 
 def _forward_with_dropout(q, k, v, layout: _Layout, scale: float, dropout: float, seed: int, out, lse) -> None:
     """Forward with attention dropout: masked softmax and batched matmuls per chunk (the flash kernel has no dropout);
     fills ``out`` and ``lse`` (``inf`` for a row with no visible key)."""
     work = layout.workspace("keys", "values", "scores")
-    for index, chunk in enumerate(layout.chunks()):
-        keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+    for number, chunk in enumerate(layout.chunks()):
+        index = layout.block_index(chunk)
+        keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
         probs = layout.scores(q, keys, chunk, scale, work["scores"])
         row_max = probs.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows with no visible key: 0
         probs.sub_(row_max).exp_()
         row_sum = probs.sum(-1, keepdim=True)
-        probs.mul_(_dropout_keep(probs.shape, dropout, seed, index, probs.device)).mul_(1.0 / (1.0 - dropout))
+        probs.mul_(_dropout_keep(probs.shape, dropout, seed, number, probs.device)).mul_(1.0 / (1.0 - dropout))
         empty = row_sum == 0
         torch.bmm(probs, values, out=out[chunk]).div_(row_sum.masked_fill_(empty, 1.0))
         lse[chunk] = (row_max + row_sum.log()).masked_fill_(empty, float("inf")).squeeze(-1)
@@ -356,20 +375,21 @@ def _backward_with_dropout(q, k, v, out, lse, grad_o, layout: _Layout, scale, dr
     """Backward of `_forward_with_dropout`: recomputes each chunk's probabilities from the saved log-sum-exp and
     regenerates its dropout mask from (seed, chunk)."""
     work = layout.workspace("keys", "values", "scores", "grad_probs")
-    for index, chunk in enumerate(layout.chunks()):
-        keys, values = layout.gather(k, chunk, work["keys"]), layout.gather(v, chunk, work["values"])
+    for number, chunk in enumerate(layout.chunks()):
+        index = layout.block_index(chunk)
+        keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
         probs = layout.scores(q, keys, chunk, scale, work["scores"])
         probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
         grad_probs = workspace_view(work["grad_probs"], *probs.shape)
         torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
-        keep = _dropout_keep(probs.shape, dropout, seed, index, probs.device).to(probs.dtype) / (1.0 - dropout)
+        keep = _dropout_keep(probs.shape, dropout, seed, number, probs.device).to(probs.dtype) / (1.0 - dropout)
         grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])
         grad_probs.mul_(keep)
         delta = (grad_o[chunk] * out[chunk]).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
         grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(scale)  # d(loss)/d(raw scores q.k)
         torch.bmm(grad_scores, keys, out=grad_q[chunk])
         grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])
-        _add_to_blocks(layout, chunk, grad_k, grad_keys, grad_v, grad_values)
+        _add_to_blocks(layout, index, grad_k, grad_keys, grad_v, grad_values)
 
 
 def gather_attention(
