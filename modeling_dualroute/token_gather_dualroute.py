@@ -248,8 +248,9 @@ class _TokenGatherAttention(torch.autograd.Function):
         anchored = anchor_max > float("-inf")
         shift = anchor_max.nan_to_num(neginf=0.0)
         row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
-        unsafe = ~torch.isfinite(row_sum) | (~anchored & pieces.row_has_blocks & (row_sum < _UNDERFLOW))
-        if bool(unsafe.any()) or not bool(torch.isfinite(out).all()):
+        underflow = (~anchored & pieces.row_has_blocks & (row_sum < _UNDERFLOW)).any()
+        overflow = ~torch.isfinite(row_sum.sum() + out.sum())  # an inf or NaN anywhere makes the sums inf or NaN
+        if bool(underflow | overflow):
             # the anchor's shift overflowed or underflowed somewhere: the exact row maxima over all pieces instead
             shift = _row_max(pieces, q_rows, k_blocks, scale, work).nan_to_num_(neginf=0.0)
             row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
