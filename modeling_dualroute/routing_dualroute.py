@@ -374,6 +374,10 @@ def route_blocks(
 
 # Per-token routing of long inputs builds a (rows, n_key_blocks) score matrix; cap its size per step.
 _MAX_SCORE_ELEMENTS_PER_STEP = 1 << 24
+# Causal rows see no block that starts after them, so a step's scores need only the blocks up to its last row: routing
+# long causal inputs in a few steps of rows skips about half of the score matrix (its matmul, masks and top-k).
+_CAUSAL_STEPS = 4
+_MIN_ROWS_PER_STEP = 512
 
 
 def _route_checked(
@@ -411,12 +415,22 @@ def _route_checked(
             )
             return select_blocks(scores, key_counts, query_offset=0, **common)
         batch, kv_heads, n_key_blocks = key_means.shape[:3]
+        q_len = query.shape[2]
         rows_per_step = max(1, _MAX_SCORE_ELEMENTS_PER_STEP // max(1, batch * kv_heads * n_key_blocks))
+        if causal:
+            rows_per_step = min(rows_per_step, max(_MIN_ROWS_PER_STEP, -(-q_len // _CAUSAL_STEPS)))
         plans = []
-        for start in range(0, query.shape[2], rows_per_step):
-            query_rows = query[:, :, start : start + rows_per_step]
+        for start in range(0, q_len, rows_per_step):
+            stop = min(start + rows_per_step, q_len)
+            # the blocks a step's rows may choose: all, or when causal those that start at or before its last row
+            width = min(n_key_blocks, (query_offset + stop - 1) // block_size + 1) if causal else n_key_blocks
             scores = route_scores(
-                query_rows, key_means, block_size=block_size, per_token=True, query_padding_mask=None
+                query[:, :, start:stop],
+                key_means[:, :, :width],
+                block_size=block_size,
+                per_token=True,
+                query_padding_mask=None,
             )
-            plans.append(select_blocks(scores, key_counts, query_offset=query_offset, row_offset=start, **common))
+            step = select_blocks(scores, key_counts[:, :width], query_offset=query_offset, row_offset=start, **common)
+            plans.append(step)
         return plans[0] if len(plans) == 1 else torch.cat(plans, dim=2)

@@ -255,7 +255,7 @@ class _TokenGatherAttention(torch.autograd.Function):
             shift = _row_max(pieces, q_rows, k_blocks, scale, work).nan_to_num_(neginf=0.0)
             row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
         empty = row_sum == 0  # rows with no visible key
-        out = out / row_sum.masked_fill(empty, 1.0)[:, None]
+        out.div_(row_sum.masked_fill(empty, 1.0)[:, None])
         lse = (shift + row_sum.log()).masked_fill_(empty, float("inf"))
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.pieces, ctx.scale = pieces, scale

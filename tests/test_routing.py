@@ -294,6 +294,27 @@ def test_route_blocks_matches_loop_oracle(p):
     assert (big[..., 1:] > big[..., :-1])[valid[..., 1:]].all()
 
 
+@given(routing_problems(), st.integers(1, 4), st.integers(1, 3))
+def test_per_token_routing_in_steps_equals_one_step(p, min_rows, steps):
+    """Long per-token inputs are routed a few rows at a time (by a score budget; causal rows also in a few steps, each
+    scoring only the blocks up to its last row): the plan is the one routed in one step."""
+    import modeling_dualroute.routing_dualroute as routing
+
+    generator = torch.Generator().manual_seed(p["seed"])
+    query = torch.randn(p["batch"], p["q_heads"], p["q_len"], p["dim"], generator=generator)
+    key = torch.randn(p["batch"], p["kv_heads"], p["k_len"], p["dim"], generator=generator)
+    options = dict(
+        block_size=p["block_size"], top_k=p["top_k"], causal=p["kind"] == "causal", cross=p["kind"] == "cross",
+        key_padding_mask=make_mask(p["batch"], p["k_len"], p["padding"], generator), global_blocks=p["global_blocks"],
+    )  # fmt: skip
+    whole = route_blocks(query, key, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routing, "_MIN_ROWS_PER_STEP", min_rows)
+        patch.setattr(routing, "_CAUSAL_STEPS", steps)
+        patch.setattr(routing, "_MAX_SCORE_ELEMENTS_PER_STEP", 1 if steps == 3 else 1 << 24)  # one row per step
+        assert torch.equal(route_blocks(query, key, **options), whole)
+
+
 # -- errors -----------------------------------------------------------------------------------------------------------
 
 
