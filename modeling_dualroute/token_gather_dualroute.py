@@ -10,13 +10,13 @@ so the work is exactly ``tokens * top_k * block_size`` scores plus the padding o
 A token's softmax spans the pieces of its k blocks, which sit in different chunks, so its maximum score is not known
 when the first of them is computed. The softmax does not need the maximum, only a shift ``m`` that keeps ``exp(s - m)``
 finite and the largest term from underflowing: any score the row can see is such a shift when the row's scores lie
-within ~80 of each other. The forward pass therefore first computes only each row's *anchor* piece (the one holding its
-highest selected block: for a causal token, its own block, about 1/k of the work) and takes the row maximum there
-(scatter-max), then makes one pass over all pieces accumulating ``exp(s - m)``, their sums and the weighted values
-(scatter-add). If a sum or an output is not finite, or a row without a visible anchor score underflowed, the call is
-recomputed with the exact row maxima of all pieces (the twice-over-the-pieces forward this replaced), so the result
-never depends on the shortcut. The backward pass is flash-style from the saved log-sum-exp, like the tile kernel in
-`gather_dualroute.py`; both are tested against the `reference` backend.
+within ~80 of each other. The forward pass therefore first computes only each row's *anchor* piece (a causal token's
+own block; otherwise the row's block that most rows chose, e.g. a global block: often about 1/k of the work) and takes
+the row maximum there (scatter-max), then makes one pass over all pieces accumulating ``exp(s - m)``, their sums and
+the weighted values (scatter-add). If a sum or an output is not finite, or a row without a visible anchor score
+underflowed, the call is recomputed with the exact row maxima of all pieces (the twice-over-the-pieces forward this
+replaced), so the result never depends on the shortcut. The backward pass is flash-style from the saved log-sum-exp,
+like the tile kernel in `gather_dualroute.py`; both are tested against the `reference` backend.
 """
 
 from __future__ import annotations
@@ -76,9 +76,12 @@ class _Pieces:
         self.n_pieces = int(pieces_per_block.sum())
         self.piece_rows = torch.full((self.n_pieces, self.rows), self.n_rows, dtype=torch.long, device=device)
         self.piece_rows[piece, rank % self.rows] = pair_row  # padding points at an extra, all-masked row
-        # each row's anchor: the piece of its highest selected block (pieces follow block order)
+        # each row's anchor piece, one that many rows share: a causal token's own block (its highest: pieces follow
+        # block order), else the row's most chosen block (a global block is every row's; ties: the higher block)
+        preference = piece if causal else counts[pair_block] * self.n_pieces + piece
         anchor = torch.full((self.n_rows,), -1, dtype=torch.long, device=device)
-        anchor.scatter_reduce_(0, pair_row, piece, reduce="amax")
+        anchor.scatter_reduce_(0, pair_row, preference, reduce="amax")
+        anchor = torch.where(anchor >= 0, anchor % self.n_pieces, -1)
         self.anchor_pieces = torch.unique(anchor[anchor >= 0])  # sorted
         # whether each score row (row, group head; the extra padding row last) has any selected block
         self.row_has_blocks = torch.cat([anchor >= 0, anchor.new_zeros(1, dtype=torch.bool)]).repeat_interleave(

@@ -193,6 +193,21 @@ def test_per_token_kernel_recomputes_exactly_when_the_anchor_shift_fails(monkeyp
     assert passes == ["anchor", "all"], why
 
 
+def test_cross_attention_recomputes_exactly_when_its_anchor_shift_overflows(monkeypatch):
+    """Cross-attention anchors a row on its most chosen block: here the global block 0, which every query reads and
+    which scores far below the block each query picks besides (~-240 or ~0 against ~+240)."""
+    passes = _count_row_max_passes(monkeypatch)
+    u, w = torch.eye(64)[:2] * 8  # orthogonal directions
+    query = torch.cat([u.expand(1, 2, 8, 64), w.expand(1, 2, 8, 64)], dim=2).clone()  # 16 decoder tokens
+    key = torch.cat([-30 * u.expand(1, 2, 64, 64), 30 * u.expand(1, 2, 64, 64), 30 * w.expand(1, 2, 64, 64)], dim=2)
+    value = torch.randn(1, 2, 192, 64, generator=torch.Generator().manual_seed(1))
+    for t in (query, key, value):
+        t.requires_grad_(True)
+    options = dict(block_size=64, top_k=2, global_blocks=1, cross=True)
+    assert_matches_reference(query, key, value, options, "gather", atol=1e-4)
+    assert passes == ["anchor", "all"]
+
+
 def test_per_token_kernel_recomputes_exactly_when_an_unanchored_row_underflows(monkeypatch):
     """A row without a visible anchor score gets the shift 0; if every score it can see is far below 0, its weights
     underflow to 0 and it would read as having no visible key: recomputed with the exact maxima."""
