@@ -9,13 +9,15 @@ so the work is exactly ``tokens * top_k * block_size`` scores plus the padding o
 
 A token's softmax spans the pieces of its k blocks, which sit in different chunks, so its maximum score is not known
 when the first of them is computed. The softmax does not need the maximum, only a shift ``m`` that keeps ``exp(s - m)``
-finite and the largest term from underflowing: any score the row can see is such a shift when the row's scores lie
-within ~80 of each other. The forward pass therefore first computes only each row's *anchor* piece (a causal token's
+finite and the largest term from underflowing: any score the row can see is such a shift as long as the row's maximum
+is less than ~88 above it (float32's ``exp`` overflows past that). The forward pass therefore first computes only each row's *anchor* piece (a causal token's
 own block; otherwise the row's block that most rows chose, e.g. a global block: often about 1/k of the work) and takes
 the row maximum there (scatter-max), then makes one pass over all pieces accumulating ``exp(s - m)``, their sums and
 the weighted values (scatter-add). If a sum or an output is not finite, or a row without a visible anchor score
 underflowed, the call is recomputed with the exact row maxima of all pieces (the twice-over-the-pieces forward this
-replaced), so the result never depends on the shortcut. The backward pass is flash-style from the saved log-sum-exp,
+replaced), so the shortcut changes the result by rounding only (the shifted scores ``s - m`` are exact to ~4e-6
+relative when ``m`` lies up to ~88 below the maximum; a row shifted by 0 for want of an anchor, whose scores all lie
+near -69, can lose precision in products with values below ~1e-13). The backward pass is flash-style from the saved log-sum-exp,
 like the tile kernel in `gather_dualroute.py`; both are tested against the `reference` backend.
 """
 
@@ -81,12 +83,9 @@ class _Pieces:
         preference = piece if causal else counts[pair_block] * self.n_pieces + piece
         anchor = torch.full((self.n_rows,), -1, dtype=torch.long, device=device)
         anchor.scatter_reduce_(0, pair_row, preference, reduce="amax")
-        anchor = torch.where(anchor >= 0, anchor % self.n_pieces, -1)
-        self.anchor_pieces = torch.unique(anchor[anchor >= 0])  # sorted
-        # whether each score row (row, group head; the extra padding row last) has any selected block
-        self.row_has_blocks = torch.cat([anchor >= 0, anchor.new_zeros(1, dtype=torch.bool)]).repeat_interleave(
-            self.group
-        )
+        has_blocks = anchor >= 0
+        anchor = torch.where(has_blocks, anchor % max(1, self.n_pieces), -1)  # no pieces at all: all keys padding
+        self.anchor_pieces = torch.unique(anchor[has_blocks])  # sorted
         self.piece_block = torch.repeat_interleave(
             torch.arange(heads * self.n_key_blocks, device=device), pieces_per_block
         )
@@ -111,6 +110,18 @@ class _Pieces:
                 torch.arange(heads * self.n_key_blocks, device=device) % self.n_key_blocks
             ) * block_size
             self.key_offset = torch.arange(block_size, device=device)
+
+        # Whether each row sees any key. Routing never selects a block without a real key, so a row with a block
+        # does, except that a causal row sees its own block only up to itself, which may be all padding (left
+        # padding): then it sees a key only if another of its blocks has a real key before it.
+        sees_keys = has_blocks
+        if causal and self.key_valid is not None:
+            real_so_far = self.key_valid.cumsum(-1)  # real keys up to each offset of each block
+            offset = (self.row_position[pair_row] - self.block_start[pair_block]).clamp(max=block_size - 1)
+            visible = (real_so_far[pair_block, offset] > 0).long()
+            sees_keys = torch.zeros_like(anchor).scatter_reduce_(0, pair_row, visible, reduce="amax") > 0
+        # per score row (row, group head), the extra padding row last
+        self.row_sees_keys = torch.cat([sees_keys, sees_keys.new_zeros(1)]).repeat_interleave(self.group)
         self.pieces_per_chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (self.rows * self.group * block_size))
 
         # Which pieces need a mask at all: only a block with invalid keys (padding, the ragged tail) or, when causal, a
@@ -237,8 +248,8 @@ def _accumulate(pieces: _Pieces, q_rows, k_blocks, v_blocks, shift: torch.Tensor
     return row_sum, out
 
 
-# A row whose shift is not one of its own scores (no visible key in its anchor piece) has underflowed when its sum of
-# weights is below this: its scores all lie ~70 or more below the shift.
+# A row that sees keys but none in its anchor piece gets the shift 0; its weights have underflowed when their sum is
+# below this (all its scores ~69 or more below 0), and it is recomputed with its exact maximum.
 _UNDERFLOW = 2.0**-100
 
 
@@ -251,7 +262,7 @@ class _TokenGatherAttention(torch.autograd.Function):
         anchored = anchor_max > float("-inf")
         shift = anchor_max.nan_to_num(neginf=0.0)
         row_sum, out = _accumulate(pieces, q_rows, k_blocks, v_blocks, shift, scale, work)
-        underflow = (~anchored & pieces.row_has_blocks & (row_sum < _UNDERFLOW)).any()
+        underflow = (~anchored & pieces.row_sees_keys & (row_sum < _UNDERFLOW)).any()
         overflow = ~torch.isfinite(row_sum.sum() + out.sum())  # an inf or NaN anywhere makes the sums inf or NaN
         if bool(underflow | overflow):
             # the anchor's shift overflowed or underflowed somewhere: the exact row maxima over all pieces instead

@@ -147,13 +147,13 @@ def _count_row_max_passes(monkeypatch):
     return passes
 
 
-def _far_apart_scores(padding: range = range(0)):
+def _far_apart_scores(padding: range = range(0), block_1: float = -30.0):
     """Causal, 128 tokens of blocks of 64, top-2 (block 0 global, own block forced): every query is ``u``, the keys of
-    block 0 are ``30 u`` (scores ~+240 at the scale 1/8) and those of block 1 are ``-30 u`` (~-240); keys at the
-    positions in ``padding`` are padding."""
+    block 0 are ``30 u`` (scores ~+240 at the scale 1/8) and those of block 1 are ``block_1 u`` (-30: ~-240); keys at
+    the positions in ``padding`` are padding."""
     u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0) * 8
     query = u.expand(1, 2, 128, 64).clone()
-    key = torch.cat([30 * u.expand(1, 2, 64, 64), -30 * u.expand(1, 2, 64, 64)], dim=2).clone()
+    key = torch.cat([30 * u.expand(1, 2, 64, 64), block_1 * u.expand(1, 2, 64, 64)], dim=2).clone()
     value = torch.randn(1, 2, 128, 64, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(1, 128, dtype=torch.bool)
     mask[:, padding] = False
@@ -166,27 +166,43 @@ def _far_apart_scores(padding: range = range(0)):
 UNANCHORED_ROWS = range(64, 100)
 
 
-def test_per_token_kernel_takes_one_pass_when_the_anchor_shift_is_safe(monkeypatch):
+@pytest.mark.parametrize("padding", ["none", "right", "left", "random"])
+@pytest.mark.parametrize("kind", ["causal", "cross"])
+def test_per_token_kernel_takes_one_pass_when_the_anchor_shift_is_safe(monkeypatch, kind, padding):
+    """Ordinary scores take the single pass, padded batches included: left padding leaves causal rows that see no
+    key at all (zeros, not a reason to recompute)."""
     passes = _count_row_max_passes(monkeypatch)
     p = dict(
-        kind="causal", batch=2, kv_heads=2, q_heads=4, q_len=300, k_len=300, dim=16, block_size=16, top_k=4,
-        global_blocks=1, padding="right", seed=5,
+        kind=kind, batch=2, kv_heads=2, q_heads=4, q_len=300 if kind == "causal" else 40, k_len=300, dim=16,
+        block_size=16, top_k=4, global_blocks=1, padding=padding, seed=5,
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
     assert_matches_reference(query, key, value, options, "gather")
     assert passes == ["anchor"]
 
 
+@pytest.mark.parametrize("kind", ["causal", "cross"])
+def test_per_token_kernel_with_every_key_padding_gives_zeros(kind):
+    """No key anywhere in the batch: the plan selects nothing, the kernel has no pieces at all."""
+    query, key, value = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(3))
+    options = dict(block_size=4, top_k=2, causal=kind == "causal", cross=kind == "cross")
+    options["key_padding_mask"] = torch.zeros(2, 9, dtype=torch.bool)
+    out = routed_attention(query, key, value, backend="gather", **options)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (query, key, value))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 @pytest.mark.parametrize(
-    "padding, why",
+    "padding, block_1, why",
     [
-        (range(0), "rows of block 1: the anchor (own block, ~-240) is far below block 0 (~+240): exp overflows"),
-        (UNANCHORED_ROWS, "rows without a visible anchor score get the shift 0, which block 0's ~+240 overflows"),
+        (range(0), -30.0, "rows of block 1: their anchor (own block, ~-240) is far below block 0 (~+240)"),
+        (UNANCHORED_ROWS, 30.0, "only rows 64-99 lack an anchor score; their shift 0 is far below block 0 (~+240)"),
     ],
 )
-def test_per_token_kernel_recomputes_exactly_when_the_anchor_shift_fails(monkeypatch, padding, why):
+def test_per_token_kernel_recomputes_exactly_when_the_anchor_shift_fails(monkeypatch, padding, block_1, why):
     passes = _count_row_max_passes(monkeypatch)
-    query, key, value, options = _far_apart_scores(padding)
+    query, key, value, options = _far_apart_scores(padding, block_1)
     for t in (query, key, value):
         t.requires_grad_(True)
     assert_matches_reference(query, key, value, options, "gather", atol=1e-4)

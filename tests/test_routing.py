@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from modeling_dualroute import route_blocks
@@ -294,12 +294,14 @@ def test_route_blocks_matches_loop_oracle(p):
     assert (big[..., 1:] > big[..., :-1])[valid[..., 1:]].all()
 
 
-@given(routing_problems(), st.integers(1, 4), st.integers(1, 3))
+@given(routing_problems(), st.integers(1, 3), st.integers(2, 3))
 def test_per_token_routing_in_steps_equals_one_step(p, min_rows, steps):
-    """Long per-token inputs are routed a few rows at a time (by a score budget; causal rows also in a few steps, each
-    scoring only the blocks up to its last row): the plan is the one routed in one step."""
+    """Long per-token inputs are routed a few rows at a time: causal rows in a few steps, each scoring only the blocks
+    up to its last row, and any per-token input in steps of a score budget. Either way the plan is the one routed in
+    one step."""
     import modeling_dualroute.routing_dualroute as routing
 
+    assume(p["kind"] != "bidirectional" and p["q_len"] > 1)
     generator = torch.Generator().manual_seed(p["seed"])
     query = torch.randn(p["batch"], p["q_heads"], p["q_len"], p["dim"], generator=generator)
     key = torch.randn(p["batch"], p["kv_heads"], p["k_len"], p["dim"], generator=generator)
@@ -308,10 +310,13 @@ def test_per_token_routing_in_steps_equals_one_step(p, min_rows, steps):
         key_padding_mask=make_mask(p["batch"], p["k_len"], p["padding"], generator), global_blocks=p["global_blocks"],
     )  # fmt: skip
     whole = route_blocks(query, key, **options)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # causal steps of several rows
         patch.setattr(routing, "_MIN_ROWS_PER_STEP", min_rows)
         patch.setattr(routing, "_CAUSAL_STEPS", steps)
-        patch.setattr(routing, "_MAX_SCORE_ELEMENTS_PER_STEP", 1 if steps == 3 else 1 << 24)  # one row per step
+        assert torch.equal(route_blocks(query, key, **options), whole)
+    with pytest.MonkeyPatch.context() as patch:  # a score budget of two rows per step
+        n_key_blocks = math.ceil(p["k_len"] / p["block_size"])
+        patch.setattr(routing, "_MAX_SCORE_ELEMENTS_PER_STEP", 2 * p["batch"] * p["kv_heads"] * n_key_blocks)
         assert torch.equal(route_blocks(query, key, **options), whole)
 
 
