@@ -176,7 +176,7 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
-def measure_scaling(lengths: list[int], rounds: int = 8) -> list[dict]:
+def measure_scaling(lengths: list[int], rounds: int = 20) -> list[dict]:
     """DualRoute's default backend (forward, bidirectional) alone at every length, the lengths taking turns for
     ``rounds`` rounds: how its time grows with N, from more runs per length than the main pass has (5)
     and with no other method's runs in between."""
