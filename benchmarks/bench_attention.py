@@ -5,7 +5,8 @@
     python benchmarks/bench_attention.py --scaling-only   # re-measures only the scaling rows of the JSON
 
 Settings: batch 1, 8 heads, head_dim 64, block 64, top-k 8, one global block, float32, bidirectional (the encoder)
-plus causal rows at 1k, 2k, 4k and 16k. Each backend is checked against the `reference` backend at N = 1024 before timing.
+plus causal rows at 1k, 2k, 4k and 16k. Each backend is checked against the `reference` backend at N = 1024 before
+timing.
 Times are medians, the methods and lengths of a pass taking turns (a round runs each once, so the machine's drift
 moves them alike); speedups are ratios to dense SDPA measured in the same run; peak memory is measured in a fresh
 process per (method, mode, N). How DualRoute's time grows with N is measured apart (the scaling rows): its default

@@ -245,7 +245,7 @@ class _Layout:
     def additive_mask(self, chunk: slice, out: torch.Tensor | None) -> torch.Tensor | None:
         """The chunk's visibility as the flash kernel's float mask ``(tiles, 1, rows | 1, keys)``: 0 or ``-inf``;
         ``None`` when nothing is masked (then ``out``, the workspace, may be ``None``)."""
-        mask = self.mask(chunk) if self.masked else None
+        mask = self.mask(chunk)
         if mask is None:
             return None
         bias = workspace_view(out, *mask.shape)

@@ -9,16 +9,17 @@ so the work is exactly ``tokens * top_k * block_size`` scores plus the padding o
 
 A token's softmax spans the pieces of its k blocks, which sit in different chunks, so its maximum score is not known
 when the first of them is computed. The softmax does not need the maximum, only a shift ``m`` that keeps ``exp(s - m)``
-finite and the largest term from underflowing: any score the row can see is such a shift as long as the row's maximum
-is less than ~88 above it (float32's ``exp`` overflows past that). The forward pass therefore first computes only each row's *anchor* piece (a causal token's
-own block; otherwise the row's block that most rows chose, e.g. a global block: often about 1/k of the work) and takes
-the row maximum there (scatter-max), then makes one pass over all pieces accumulating ``exp(s - m)``, their sums and
-the weighted values (scatter-add). If a sum or an output is not finite, or a row without a visible anchor score
-underflowed, the call is recomputed with the exact row maxima of all pieces (the twice-over-the-pieces forward this
-replaced), so the shortcut changes the result by rounding only (the shifted scores ``s - m`` are exact to ~4e-6
-relative when ``m`` lies up to ~88 below the maximum; a row shifted by 0 for want of an anchor, whose scores all lie
-near -69, can lose precision in products with values below ~1e-13). The backward pass is flash-style from the saved log-sum-exp,
-like the tile kernel in `gather_dualroute.py`; both are tested against the `reference` backend.
+finite and the largest term from underflowing: any score the row can see is such a shift as long as the row's maximum is
+less than ~88 above it (float32's ``exp`` overflows past that). The forward pass therefore first computes only each
+row's *anchor* piece (a causal token's own block; otherwise the row's block that most rows chose, e.g. a global block:
+often about 1/k of the work) and takes the row maximum there (scatter-max), then makes one pass over all pieces
+accumulating ``exp(s - m)``, their sums and the weighted values (scatter-add). If a sum or an output is not finite, or a
+row without a visible anchor score underflowed, the call is recomputed with the exact row maxima of all pieces (the
+twice-over-the-pieces forward this replaced), so the shortcut changes the result by rounding only (the shifted scores
+``s - m`` are exact to ~4e-6 relative when ``m`` lies up to ~88 below the maximum; a row shifted by 0 for want of an
+anchor, whose scores all lie near -69, can lose precision in products with values below ~1e-13). The backward pass is
+flash-style from the saved log-sum-exp, like the tile kernel in `gather_dualroute.py`; both are tested against the
+`reference` backend.
 """
 
 from __future__ import annotations
