@@ -36,6 +36,7 @@ from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
+from .routing_dualroute import non_binary_value
 
 
 register_dualroute_attention()
@@ -604,13 +605,11 @@ def check_padding_mask(name: str, mask: torch.Tensor | None, batch: int, length:
         return
     if tuple(mask.shape) != (batch, length):
         raise ValueError(f"`{name}` must have shape (batch, seq) = ({batch}, {length}), got {tuple(mask.shape)}.")
-    if mask.dtype == torch.bool or torch.compiler.is_compiling():
-        return
-    other = (mask != 0) & (mask != 1)
-    if other.any():
+    other = non_binary_value(mask)
+    if other is not None:
         raise ValueError(
-            f"`{name}` must hold 1 for real tokens and 0 for padding, got the value {mask[other][0].item()}; an "
-            "additive mask (0 / -inf) is not a padding mask: pass (mask == 0) instead."
+            f"`{name}` must hold 1 for real tokens and 0 for padding, got the value {other}; an additive mask "
+            "(0 / -inf) is not a padding mask: pass (mask == 0) instead."
         )
 
 

@@ -62,9 +62,19 @@ def _normalize_padding_mask(name: str, mask, batch: int, length: int, device: to
         raise ValueError(f"`{name}` is on {mask.device} but the attention inputs are on {device}.")
     if mask.dtype == torch.bool:
         return mask
-    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"`{name}` must hold 1 (or True) for real tokens and 0 for padding, got other values.")
+    other = non_binary_value(mask)
+    if other is not None:
+        raise ValueError(f"`{name}` must hold 1 (or True) for real tokens and 0 for padding, got the value {other}.")
     return mask != 0
+
+
+def non_binary_value(mask: torch.Tensor):
+    """The first value of ``mask`` that is neither 0 nor 1, or ``None`` (always ``None`` while compiling: a
+    data-dependent check would break the graph)."""
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return None
+    other = (mask != 0) & (mask != 1)
+    return mask[other][0].item() if bool(other.any()) else None
 
 
 def check_routing_inputs(

@@ -626,7 +626,8 @@ def test_bad_value_scale_masks_and_descriptors_raise():
     with pytest.raises(ValueError, match="need at least one head of head_dim >= 1"):
         routed_attention(q[..., :0], q[..., :0], q[..., :0], block_size=4, top_k=2)
     with pytest.raises(
-        ValueError, match="`key_padding_mask` must hold 1 \\(or True\\) for real tokens and 0 for padding"
+        ValueError,
+        match="`key_padding_mask` must hold 1 \\(or True\\) for real tokens and 0 for padding, got the value 2",
     ):
         routed_attention(q, q, q, block_size=4, top_k=2, key_padding_mask=torch.full((1, 8), 2))
     means, counts = torch.zeros(1, 2, 3, 4), torch.ones(1, 3, dtype=torch.long)  # 3 blocks for 8 keys of block 4
