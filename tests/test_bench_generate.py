@@ -1,6 +1,7 @@
-"""benchmarks/bench_generate.py: a tiny end-to-end run (both settings, both implementations) and the step clock."""
+"""benchmarks/bench_generate.py: a tiny end-to-end run (every setting, both implementations) and the step clock."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -31,9 +32,23 @@ def test_tiny_run_writes_json_with_targets_and_renders(bench, tmp_path, monkeypa
     bench.main(["--lengths", "256", "512", "--layers", "1", "--new-tokens", "4", "--repeats", "2", "--out", str(out)])
     payload = json.loads(out.read_text())
     settings = {(r["setting"], r["n"], r["implementation"]) for r in payload["rows"]}
-    assert settings == {(s, n, i) for s in ("greedy", "beam4") for n in (256, 512) for i in ("dualroute", "sdpa")}
+    assert settings == {
+        (s, n, i) for s in ("greedy", "beam4", "batch8") for n in (256, 512) for i in ("dualroute", "sdpa")
+    }
     assert all(len(r["intervals_s"]) == 2 * 3 for r in payload["rows"])
-    assert set(payload["targets"]) == {"per_token_speedup_16k_greedy", "per_token_speedup_16k_beam4"}
+    for row in payload["rows"]:  # a batch-8 step generates 8 tokens
+        assert row["batch"] == (8 if row["setting"] == "batch8" else 1)
+        assert row["per_token_s"] == pytest.approx(statistics.median(row["intervals_s"]) / row["batch"])
+    assert set(payload["targets"]) == {f"per_token_speedup_16k_{s}" for s in ("greedy", "beam4", "batch8")}
     table = bench.render(payload)
     assert "| encoder tokens | greedy, batch 1: DualRoute | dense (sdpa) | speedup |" in table
-    assert table.count("\n| 256 |") == 1 and "Target per_token_speedup_16k_beam4" in table
+    assert "| greedy, batch 8: DualRoute | dense (sdpa) | speedup |" in table
+    assert table.count("\n| 256 |") == 1 and "Target per_token_speedup_16k_batch8" in table
+
+
+def test_batch_rows_are_different_inputs(bench):
+    model = bench.build_model(layers=1)
+    states = bench.encode(model, 128, 3)
+    assert states.shape == (3, 128, model.config.hidden_size)
+    assert not torch.equal(states[0], states[1]) and not torch.equal(states[1], states[2])
+    torch.testing.assert_close(states[:1], bench.encode(model, 128, 1))  # row 0 is the batch-1 input
