@@ -324,8 +324,22 @@ def _with_standard_errors(method):
     return wrapped
 
 
+def _from_dict_validated(from_dict):
+    """`from_pretrained` builds the config from the file, then sets its keyword overrides (``route_topk=...``) as
+    plain attributes, past the checks of construction: validate the result before any model is built from it."""
+
+    @functools.wraps(from_dict)
+    def wrapped(cls, config_dict, **kwargs):
+        result = from_dict.__func__(cls, config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
+
+    return classmethod(wrapped)
+
+
 DualRouteConfig.__init__ = _with_standard_errors(DualRouteConfig.__init__)
 DualRouteConfig.validate = _with_standard_errors(DualRouteConfig.validate)
+DualRouteConfig.from_dict = _from_dict_validated(DualRouteConfig.from_dict)
 
 
 __all__ = ["DualRouteConfig"]

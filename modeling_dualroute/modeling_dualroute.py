@@ -97,11 +97,16 @@ def padding_aware_positions(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def check_ids(name: str, ids: torch.Tensor, size: int, size_name: str, shape: tuple[int, int] | None = None) -> None:
-    """Integer ids in ``[0, size)`` (and, given ``shape``, broadcastable to it): a clear error instead of an index or
-    broadcasting error deep inside ``nn.Embedding``. One host sync (none when compiling)."""
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer ids, got a tensor of dtype {ids.dtype}.")
+def check_ids(
+    name: str, ids: torch.Tensor, size: int | None, size_name: str = "", shape: tuple[int, int] | None = None
+) -> None:
+    """Integer ids in ``[0, size)`` (``size=None``: any id >= 0) and, given ``shape``, broadcastable to it: a clear
+    error instead of an index or broadcasting error deep inside ``nn.Embedding``. One host sync (none when
+    compiling)."""
+    if ids.dtype not in (torch.long, torch.int):  # what nn.Embedding takes
+        raise TypeError(
+            f"`{name}` must hold integer ids (torch.long or torch.int), got a tensor of dtype {ids.dtype}."
+        )
     if shape is not None and (ids.ndim > 2 or _broadcast(ids.shape, shape) != shape):
         raise ValueError(
             f"`{name}` must have shape (batch, seq) = {shape} (or broadcast to it), got {tuple(ids.shape)}."
@@ -109,7 +114,9 @@ def check_ids(name: str, ids: torch.Tensor, size: int, size_name: str, shape: tu
     if torch.compiler.is_compiling() or ids.numel() == 0:
         return
     low, high = torch.aminmax(ids)
-    if bool((low < 0) | (high >= size)):
+    if size is None and bool(low < 0):
+        raise ValueError(f"`{name}` must be >= 0, got values from {int(low)} to {int(high)}.")
+    if size is not None and bool((low < 0) | (high >= size)):
         raise ValueError(f"`{name}` must be in [0, {size_name}={size}), got values from {int(low)} to {int(high)}.")
 
 
@@ -157,6 +164,13 @@ class DualRouteEmbeddings(nn.Module):
             raise ValueError(
                 f"`{prefix}inputs_embeds` must have width {self.word_embeddings.embedding_dim} (the token "
                 f"embeddings'), got {inputs_embeds.shape[-1]}."
+            )
+        elif inputs_embeds.dtype != self.word_embeddings.weight.dtype and not torch.is_autocast_enabled(
+            inputs_embeds.device.type
+        ):
+            raise TypeError(
+                f"`{prefix}inputs_embeds` must have the model's dtype {self.word_embeddings.weight.dtype}, got "
+                f"{inputs_embeds.dtype}: cast it (inputs_embeds.to(model.dtype)) or run under torch.autocast."
             )
         embeddings = inputs_embeds * self.embed_scale if self.embed_scale != 1.0 else inputs_embeds
         shape = tuple(embeddings.shape[:2])
@@ -572,6 +586,8 @@ class DualRouteModel(DualRoutePreTrainedModel):
             check_ids(
                 "position_ids", position_ids, self.embeddings.max_positions, "max_position_embeddings", (batch, length)
             )
+        else:  # rotary positions: any position >= 0
+            check_ids("position_ids", position_ids, None, shape=(batch, length))
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
         mask = create_bidirectional_mask(
@@ -666,6 +682,13 @@ class DualRouteDecoder(DualRoutePreTrainedModel):
                 f"`decoder_attention_mask` must have shape (batch, past + seq) = ({batch}, {past_length + length}), "
                 f"got {tuple(attention_mask.shape)}."
             )
+        check_padding_mask("decoder_attention_mask", attention_mask, batch, past_length + length)
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"the decoder inputs (`decoder_input_ids` / `decoder_inputs_embeds`, or `labels`) have batch size "
+                f"{batch} but the encoder output (`input_ids` / `encoder_outputs`) has "
+                f"{encoder_hidden_states.shape[0]}: pass one target per input."
+            )
         if self.embeddings.position_embeddings is not None and past_length + length > self.embeddings.max_positions:
             raise ValueError(
                 f"decoder length {past_length + length} exceeds decoder_max_position_embeddings="
@@ -738,6 +761,8 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, metho
             return hidden_states[:, 0]
         first = attention_mask.int().argmax(-1)  # argmax returns the first 1 (0 for a row without any)
         return hidden_states[torch.arange(hidden_states.shape[0], device=first.device), first]
+    if method != "mean":  # the config checks it at construction and loading; not if it was set afterwards
+        raise ValueError(f"`classifier_pooling` must be 'cls' or 'mean', got {method!r}.")
     if attention_mask is None:
         return hidden_states.mean(1)
     mask = attention_mask.to(hidden_states.dtype)[..., None]
@@ -753,25 +778,32 @@ def sequence_classification_loss(
     whole accumulated batch, so accumulated gradients equal those of one large batch for every problem type.
     """
     batch, num_labels = logits.shape
-    if config.problem_type is None:
+    problem_type = config.problem_type
+    if problem_type is None:  # recorded in the config only once the labels passed the checks below
         if num_labels == 1:
-            config.problem_type = "regression"
+            problem_type = "regression"
         elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
+            problem_type = "single_label_classification"
         else:
-            config.problem_type = "multi_label_classification"
+            problem_type = "multi_label_classification"
     labels = labels.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    if config.problem_type == "single_label_classification":
+    if problem_type == "single_label_classification":
         if labels.shape not in ((batch,), (batch, 1)) or labels.is_floating_point():
             raise ValueError(
                 f"single-label classification needs integer `labels` of shape ({batch},), got {labels.dtype} "
                 f"labels of shape {tuple(labels.shape)}; for multi-label pass float labels of shape ({batch}, {num_labels})."
             )
+        out_of_range = (labels != -100) & ((labels < 0) | (labels >= num_labels))
+        if not torch.compiler.is_compiling() and bool(out_of_range.any()):
+            raise ValueError(
+                f"`labels` must be class ids in [0, num_labels={num_labels}) or -100 (ignored), got "
+                f"{labels[out_of_range][0].item()}."
+            )
         loss = nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum")
         if num_items_in_batch is None:  # the mean over counted labels; 0, not NaN, when every label is -100
             loss = loss / (labels != -100).sum().clamp(min=1)
-    elif config.problem_type == "multi_label_classification":
+    elif problem_type == "multi_label_classification":
         if labels.shape != (batch, num_labels):
             raise ValueError(
                 f"multi-label classification needs `labels` of shape ({batch}, {num_labels}), got {tuple(labels.shape)}."
@@ -783,6 +815,7 @@ def sequence_classification_loss(
                 f"regression needs `labels` with {batch * num_labels} values ({batch}, {num_labels}), got {tuple(labels.shape)}."
             )
         loss = nn.functional.mse_loss(logits, labels.view(batch, num_labels).to(logits.dtype), reduction=reduction)
+    config.problem_type = problem_type
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -888,6 +921,15 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
         """Also records the ``dualroute-text2text`` pipeline, whose file is saved with the code."""
         self.config.custom_pipelines = custom_pipeline_entry()
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _prepare_static_cache(self, cache_implementation: str, *args, **kwargs):
+        """`generate(cache_implementation="static")` (or any static cache) would fail deep in transformers: its fixed
+        layers cannot hold the block descriptors that routing keeps next to the keys."""
+        raise ValueError(
+            f"cache_implementation={cache_implementation!r} is not supported by DualRoute: a static cache has no "
+            "layer type that keeps the routing's block descriptors. Use the default dynamic cache "
+            "(cache_implementation=None)."
+        )
 
     def get_encoder(self, modality: str | None = None) -> DualRouteModel:
         return self.model

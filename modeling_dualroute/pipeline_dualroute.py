@@ -20,26 +20,27 @@ TASK = "dualroute-text2text"
 
 
 class DualRouteText2TextPipeline(Pipeline):
-    """Tokenise (truncating to the model's maximum), ``generate``, decode. Generation options (``max_new_tokens``,
-    ``num_beams``, ``do_sample``, ...) pass through to ``generate``."""
+    """Tokenise (truncating to the tokenizer's maximum, or to ``max_input_length`` tokens), ``generate``, decode.
+    Generation options (``max_new_tokens``, ``max_length``, ``num_beams``, ``do_sample``, ...) pass through to
+    ``generate``, as in transformers 4's text2text pipeline."""
 
     _load_tokenizer = True
     _load_processor = False
     _load_image_processor = False
     _load_feature_extractor = False
 
-    def _sanitize_parameters(self, truncation=None, max_length=None, **generate_kwargs):
+    def _sanitize_parameters(self, truncation=None, max_input_length=None, **generate_kwargs):
         preprocess = {}
         if truncation is not None:
             preprocess["truncation"] = truncation
-        if max_length is not None:
-            preprocess["max_length"] = max_length
+        if max_input_length is not None:
+            preprocess["max_input_length"] = max_input_length
         return preprocess, generate_kwargs, {}
 
-    def preprocess(self, text: str, truncation: bool = True, max_length: int | None = None):
+    def preprocess(self, text: str, truncation: bool = True, max_input_length: int | None = None):
         if not isinstance(text, str):
             raise TypeError(f"{TASK} takes a string (or a list of strings), got {type(text).__name__}.")
-        return self.tokenizer(text, return_tensors="pt", truncation=truncation, max_length=max_length)
+        return self.tokenizer(text, return_tensors="pt", truncation=truncation, max_length=max_input_length)
 
     def _forward(self, inputs, **generate_kwargs):
         inputs.pop("token_type_ids", None)

@@ -1,9 +1,12 @@
 """The encoder and the classification head as transformers models."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from modeling_dualroute import DualRouteConfig, DualRouteForSequenceClassification, DualRouteModel
 from modeling_dualroute.modeling_dualroute import DualRouteRotaryEmbedding, apply_rotary, apply_rotary_reference
@@ -88,6 +91,22 @@ def test_a_config_changed_after_construction_is_checked_when_validated_or_saved(
         config.validate()
     with pytest.raises(ValueError, match="`route_topk` must be >= 1, got 0"):
         config.save_pretrained(tmp_path)
+
+
+def test_from_pretrained_overrides_are_checked_at_loading(tmp_path):
+    """Keyword overrides of `from_pretrained` are set after construction: they are validated before a model is built,
+    so a bad `classifier_pooling` cannot silently pool another way."""
+    DualRouteForSequenceClassification(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`route_topk` must be >= 1, got 0"):
+        AutoConfig.from_pretrained(tmp_path, route_topk=0)
+    with pytest.raises(ValueError, match="`classifier_pooling` must be 'cls' or 'mean', got 'max'"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, classifier_pooling="max")
+    config, unused = AutoConfig.from_pretrained(tmp_path, route_topk=3, return_unused_kwargs=True, foo=1)
+    assert config.route_topk == 3 and unused == {"foo": 1}
+    model = eval_model(classifier_pooling="mean")
+    model.config.classifier_pooling = "max"  # changed after construction, never validated
+    with pytest.raises(ValueError, match="`classifier_pooling` must be 'cls' or 'mean', got 'max'"):
+        model(torch.randint(4, 99, (1, 5)))
 
 
 def test_config_round_trip_and_defaults(tmp_path):
@@ -352,7 +371,9 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize(
     "inputs, error, words",
     [
-        (dict(input_ids=torch.rand(2, 9)), TypeError, "`input_ids` must hold integer ids, got a tensor of dtype torch.float32"),
+        (dict(input_ids=torch.rand(2, 9)), TypeError, "`input_ids` must hold integer ids (torch.long or torch.int), got a tensor of dtype torch.float32"),
+        (dict(input_ids=torch.ones(2, 9, dtype=torch.uint8)), TypeError, "`input_ids` must hold integer ids (torch.long or torch.int), got a tensor of dtype torch.uint8"),
+        (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 32, dtype=torch.float64)), TypeError, "`inputs_embeds` must have the model's dtype torch.float32, got torch.float64"),
         (dict(input_ids=torch.full((2, 9), 99)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from 99 to 99"),
         (dict(input_ids=torch.full((2, 9), -1)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from -1"),
         (dict(token_type_ids=torch.full((2, 9), 2)), ValueError, "`token_type_ids` must be in [0, type_vocab_size=2), got values from 2"),
@@ -370,6 +391,39 @@ def test_bad_input_values_raise_naming_the_argument(inputs, error, words):
     arguments = {"input_ids": torch.randint(4, 99, (2, 9)), **inputs}
     with pytest.raises(error, match=__import__("re").escape(words)):
         model(**arguments)
+
+
+def test_rotary_position_ids_are_checked_too():
+    model = eval_model(DualRouteModel, position_embedding_type="rope", max_position_embeddings=16)
+    input_ids = torch.randint(4, 99, (2, 9))
+    with pytest.raises(ValueError, match=re.escape("`position_ids` must have shape (batch, seq) = (2, 9)")):
+        model(input_ids, position_ids=torch.arange(5)[None])
+    with pytest.raises(ValueError, match=re.escape("`position_ids` must be >= 0, got values from -1 to 7")):
+        model(input_ids, position_ids=torch.arange(9)[None] - 1)
+    with pytest.raises(TypeError, match=re.escape("`position_ids` must hold integer ids")):
+        model(input_ids, position_ids=torch.arange(9.0)[None])
+    model(input_ids, position_ids=torch.arange(9)[None] + 100)  # rotary positions have no table to outgrow
+
+
+def test_inputs_embeds_of_another_dtype_are_accepted_under_autocast():
+    model = eval_model(DualRouteModel)
+    embeds = model.get_input_embeddings()(torch.randint(4, 99, (1, 6))).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(inputs_embeds=embeds).last_hidden_state.shape == (1, 6, 32)
+
+
+def test_classification_labels_out_of_range_raise_and_leave_the_problem_type_unset():
+    model = eval_model(num_labels=3)
+    input_ids = torch.randint(4, 99, (2, 6))
+    with pytest.raises(
+        ValueError, match=re.escape("`labels` must be class ids in [0, num_labels=3) or -100 (ignored), got 7")
+    ):
+        model(input_ids, labels=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="multi-label classification needs `labels` of shape"):
+        model(input_ids, labels=torch.tensor([0.0, 1.0]))  # float labels by mistake: inferred multi-label, rejected
+    assert model.config.problem_type is None  # a rejected call does not decide the problem type for later calls
+    assert model(input_ids, labels=torch.tensor([0, 2])).loss.isfinite()
+    assert model.config.problem_type == "single_label_classification"
 
 
 def test_position_and_token_type_ids_that_broadcast_are_accepted():

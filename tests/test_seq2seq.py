@@ -375,6 +375,21 @@ def test_bad_inputs_raise():
         model(input_ids, attention_mask=attention_mask, decoder_input_ids=torch.ones(2, 20, dtype=torch.long))
     with pytest.raises(ValueError, match=r"`decoder_attention_mask` must have shape"):
         model(input_ids, decoder_input_ids=torch.ones(2, 5, dtype=torch.long), decoder_attention_mask=torch.ones(2, 4))
+    additive = torch.zeros(2, 5).masked_fill(torch.tensor([False] * 4 + [True]), float("-inf"))
+    for implementation in ("dualroute", "sdpa"):  # the dense twin takes the same checks
+        model.set_attn_implementation(implementation)
+        with pytest.raises(
+            ValueError,
+            match="`decoder_attention_mask` must hold 1 for real tokens and 0 for padding, got the value -inf",
+        ):
+            model(input_ids, decoder_input_ids=torch.ones(2, 5, dtype=torch.long), decoder_attention_mask=additive)
+        with pytest.raises(
+            ValueError, match=r"the decoder inputs .* have batch size 1 but the encoder output .* has 2"
+        ):
+            model(input_ids, attention_mask=attention_mask, labels=torch.ones(1, 5, dtype=torch.long))
+    model.set_attn_implementation("dualroute")
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported by DualRoute"):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=2, cache_implementation="static")
     # the mask describes the encoder's tokens, also when the encoder ran before (encoder_outputs)
     encoder_outputs = model.get_encoder()(input_ids, attention_mask=attention_mask)
     with pytest.raises(ValueError, match=r"`attention_mask` must have shape \(batch, seq\) = \(2, 23\), got \(5, 3\)"):
@@ -420,6 +435,15 @@ def test_seq2seq_pipeline(tmp_path):
     tokenizer = make_tokenizer()
     expected = model.generate(**tokenizer("the river", return_tensors="pt").to(torch.device("cpu")), max_new_tokens=5)
     assert results[1][0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+    # as in transformers 4's text2text pipeline, `max_length` limits the output; `max_input_length` truncates the input
+    calls = []
+    original = generate.model.generate
+    generate.model.generate = lambda **kwargs: calls.append(kwargs) or original(**kwargs)
+    long_text = " ".join(["the river runs past the king"] * 6)
+    generate(long_text, max_length=4)
+    generate(long_text, max_input_length=8, max_new_tokens=2)
+    assert calls[0]["max_length"] == 4 and calls[0]["input_ids"].shape[1] == len(tokenizer(long_text)["input_ids"])
+    assert calls[1]["input_ids"].shape[1] == 8 and "max_input_length" not in calls[1]
 
 
 @pytest.mark.slow
