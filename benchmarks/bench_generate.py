@@ -26,7 +26,8 @@ the weights are read once per step for all beams while each beam reads its own c
 encoder tokens takes ~21 ms on the 2-core CPU, which caps greedy at 16k near 2.3x; with 4 beams DualRoute's own step
 at 1k (the same 512 keys per head as at 16k) is already slower than 5x at 16k would allow. A batch of 8 reads the
 weights once for 8 tokens and 8 caches, so the cap rises again; but its step has a floor too (a dense batch-8 step over
-1k encoder tokens took ~50 ms when dense took ~210 ms at 16k: at most ~4.2x whatever the attention).
+1k encoder tokens took 46-52 ms in two runs, when dense took 210-230 ms at 16k: at most 4.2-5.0x whatever the
+attention).
 """
 
 from __future__ import annotations
