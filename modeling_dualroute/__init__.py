@@ -16,6 +16,7 @@ from .modeling_dualroute import (
     DualRouteModel,
     DualRoutePreTrainedModel,
 )
+from .pipeline_dualroute import DualRouteText2TextPipeline
 from .routing_dualroute import route_blocks
 
 
@@ -31,6 +32,7 @@ __all__ = [
     "DualRouteForSequenceClassification",
     "DualRouteModel",
     "DualRoutePreTrainedModel",
+    "DualRouteText2TextPipeline",
     "route_blocks",
     "routed_attention",
 ]

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, pipeline
 
 import modeling_dualroute.attention_dualroute as attention_module
-from modeling_dualroute import DualRouteForConditionalGeneration
+from modeling_dualroute import DualRouteForConditionalGeneration, DualRouteText2TextPipeline
 from modeling_dualroute.cache_dualroute import DualRouteCacheLayer
 from modeling_dualroute.modeling_dualroute import apply_rotary
 from modeling_dualroute.routing_dualroute import block_sums
@@ -444,6 +444,9 @@ def test_seq2seq_pipeline(tmp_path):
     generate(long_text, max_input_length=8, max_new_tokens=2)
     assert calls[0]["max_length"] == 4 and calls[0]["input_ids"].shape[1] == len(tokenizer(long_text)["input_ids"])
     assert calls[1]["input_ids"].shape[1] == 8 and "max_input_length" not in calls[1]
+    # installed use: the package's pipeline class, no remote code
+    installed = pipeline("dualroute-text2text", model=str(tmp_path), pipeline_class=DualRouteText2TextPipeline)
+    assert installed("the river", max_new_tokens=5) == [results[1][0]]
 
 
 @pytest.mark.slow
