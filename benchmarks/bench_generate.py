@@ -23,7 +23,7 @@ LM head) whatever the attention. Dense cross-attention adds a read of all cached
 (~16 MB). So at batch 1 the per-token speedup at 16k is capped near (150 + 400) / (150 + 16) = 3.3x. With 4 beams
 the weights are read once per step for all beams while each beam reads its own cache: the cap rises to about
 (150 + 1600) / (150 + 64) = 8x. Measured, the floor is higher than the weight reads: a dense greedy step at 1k
-encoder tokens takes ~21 ms on the 2-core CPU, which caps greedy at 16k near 2.3x; with 4 beams DualRoute's own step
+encoder tokens takes 21-28 ms on the 2-core CPU (two runs), which caps greedy at 16k near 1.5-2.3x; with 4 beams DualRoute's own step
 at 1k (the same 512 keys per head as at 16k) is already slower than 5x at 16k would allow. A batch of 8 reads the
 weights once for 8 tokens and 8 caches, so the cap rises again; but its step has a floor too (a dense batch-8 step over
 1k encoder tokens took 46-52 ms in two runs, when dense took 210-230 ms at 16k: at most 4.2-5.0x whatever the

@@ -326,12 +326,26 @@ def _with_standard_errors(method):
 
 def _from_dict_validated(from_dict):
     """`from_pretrained` builds the config from the file, then sets its keyword overrides (``route_topk=...``) as
-    plain attributes, past the checks of construction: validate the result before any model is built from it."""
+    plain attributes, past the checks of construction: validate the result before any model is built from it.
+
+    A depth override (``num_hidden_layers=1``: a truncated model) keeps the saved types of the layers that remain, or
+    repeats the one type of a uniform stack; other layer-type mismatches raise, saying what to pass."""
 
     @functools.wraps(from_dict)
     def wrapped(cls, config_dict, **kwargs):
         result = from_dict.__func__(cls, config_dict, **kwargs)
-        (result[0] if isinstance(result, tuple) else result).validate()
+        config = result[0] if isinstance(result, tuple) else result
+        for depth, types in (("num_hidden_layers", "layer_types"), ("decoder_layers", "decoder_layer_types")):
+            saved, count = getattr(config, types), getattr(config, depth)
+            if depth in kwargs and types not in kwargs and saved is not None and len(saved) != count:
+                if len(saved) > count or len(set(saved)) == 1:
+                    setattr(config, types, (list(saved) + [saved[-1]] * count)[:count])
+                else:
+                    raise ValueError(
+                        f"`{depth}={count}` was overridden but the saved `{types}` has {len(saved)} mixed entries: "
+                        f"pass `{types}` (one per layer) too."
+                    )
+        config.validate()
         return result
 
     return classmethod(wrapped)

@@ -165,13 +165,8 @@ class DualRouteEmbeddings(nn.Module):
                 f"`{prefix}inputs_embeds` must have width {self.word_embeddings.embedding_dim} (the token "
                 f"embeddings'), got {inputs_embeds.shape[-1]}."
             )
-        elif inputs_embeds.dtype != self.word_embeddings.weight.dtype and not torch.is_autocast_enabled(
-            inputs_embeds.device.type
-        ):
-            raise TypeError(
-                f"`{prefix}inputs_embeds` must have the model's dtype {self.word_embeddings.weight.dtype}, got "
-                f"{inputs_embeds.dtype}: cast it (inputs_embeds.to(model.dtype)) or run under torch.autocast."
-            )
+        else:
+            inputs_embeds = _in_model_dtype(f"{prefix}inputs_embeds", inputs_embeds, self.word_embeddings.weight.dtype)
         embeddings = inputs_embeds * self.embed_scale if self.embed_scale != 1.0 else inputs_embeds
         shape = tuple(embeddings.shape[:2])
         if self.token_type_embeddings is not None:  # without token types (BART) a tokenizer's zeros are ignored
@@ -185,6 +180,22 @@ class DualRouteEmbeddings(nn.Module):
             embeddings = embeddings + self.position_embeddings(position_ids + self.position_offset)
         embeddings = self.dropout(self.LayerNorm(embeddings))
         return self.project(embeddings) if self.project is not None else embeddings
+
+
+def _in_model_dtype(name: str, embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """User embeddings in the model's dtype: a lossless cast (bf16 into a float32 model) or any cast under autocast is
+    made here; a lossy one (float64 into float32, float32 into a bf16 model outside autocast) raises instead of
+    failing later inside LayerNorm with a mixed-dtype error."""
+    if embeds.dtype == dtype:
+        return embeds
+    device_type = embeds.device.type
+    autocast = device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type)
+    if embeds.is_floating_point() and (autocast or torch.promote_types(embeds.dtype, dtype) == dtype):
+        return embeds.to(dtype)
+    raise TypeError(
+        f"`{name}` must have the model's dtype {dtype} (or one that converts to it without loss), got {embeds.dtype}: "
+        "cast it (inputs_embeds.to(model.dtype)) or run under torch.autocast."
+    )
 
 
 class DualRouteRotaryEmbedding(nn.Module):
@@ -588,6 +599,7 @@ class DualRouteModel(DualRoutePreTrainedModel):
             )
         else:  # rotary positions: any position >= 0
             check_ids("position_ids", position_ids, None, shape=(batch, length))
+        position_ids = position_ids.expand(batch, length)  # (seq,) and (1, seq) broadcast
         hidden_states = self.embeddings(input_ids, inputs_embeds, position_ids, token_type_ids)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
         mask = create_bidirectional_mask(
@@ -800,7 +812,7 @@ def sequence_classification_loss(
                 f"`labels` must be class ids in [0, num_labels={num_labels}) or -100 (ignored), got "
                 f"{labels[out_of_range][0].item()}."
             )
-        loss = nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum")
+        loss = nn.functional.cross_entropy(logits, labels.view(-1).long(), ignore_index=-100, reduction="sum")
         if num_items_in_batch is None:  # the mean over counted labels; 0, not NaN, when every label is -100
             loss = loss / (labels != -100).sum().clamp(min=1)
     elif problem_type == "multi_label_classification":
@@ -923,7 +935,7 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _prepare_static_cache(self, cache_implementation: str, *args, **kwargs):
-        """`generate(cache_implementation="static")` (or any static cache) would fail deep in transformers: its fixed
+        """`generate(cache_implementation=...)` naming a static cache would fail deep in transformers: its fixed
         layers cannot hold the block descriptors that routing keeps next to the keys."""
         raise ValueError(
             f"cache_implementation={cache_implementation!r} is not supported by DualRoute: a static cache has no "
@@ -990,7 +1002,10 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
             if not torch.compiler.is_compiling() and bool(
                 ((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()
             ):
-                raise ValueError(f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored).")
+                bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))][0].item()
+                raise ValueError(
+                    f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored), got {bad}."
+                )
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if encoder_outputs is None:
@@ -1027,7 +1042,7 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
                 )
             # a sum over tokens divided by the tokens of the whole accumulated batch under the Trainer
             # (num_items_in_batch), else by this batch's tokens (at least 1: no NaN when every label is -100)
-            labels = labels.to(logits.device)
+            labels = labels.to(logits.device, torch.long)  # cross-entropy takes long targets (int32 labels too)
             if num_items_in_batch is None:
                 num_items_in_batch = (labels != -100).sum().clamp(min=1)
             loss = fixed_cross_entropy(

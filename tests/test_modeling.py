@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from modeling_dualroute import DualRouteConfig, DualRouteForSequenceClassification, DualRouteModel
 from modeling_dualroute.modeling_dualroute import DualRouteRotaryEmbedding, apply_rotary, apply_rotary_reference
@@ -103,6 +103,25 @@ def test_from_pretrained_overrides_are_checked_at_loading(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, classifier_pooling="max")
     config, unused = AutoConfig.from_pretrained(tmp_path, route_topk=3, return_unused_kwargs=True, foo=1)
     assert config.route_topk == 3 and unused == {"foo": 1}
+
+
+def test_from_pretrained_with_fewer_or_more_layers(tmp_path):
+    """A depth override keeps the saved types of the remaining layers (a truncated model) or repeats a uniform stack's
+    type; a mixed stack made deeper needs its layer types."""
+    mixed = ["dualroute_attention", "full_attention", "dualroute_attention"]
+    DualRouteModel(tiny_config(num_hidden_layers=3, layer_types=mixed)).save_pretrained(tmp_path / "mixed")
+    DualRouteModel(tiny_config()).save_pretrained(tmp_path / "uniform")
+    truncated = AutoModel.from_pretrained(tmp_path / "mixed", num_hidden_layers=2)
+    assert truncated.config.layer_types == mixed[:2] and len(truncated.layers) == 2
+    deeper = AutoConfig.from_pretrained(tmp_path / "uniform", num_hidden_layers=4)
+    assert deeper.layer_types == ["dualroute_attention"] * 4
+    with pytest.raises(ValueError, match="`num_hidden_layers=4` was overridden .* pass `layer_types`"):
+        AutoConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4)
+    explicit = AutoConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=1, layer_types=["full_attention"])
+    assert explicit.layer_types == ["full_attention"]
+
+
+def test_pooling_set_after_construction_is_checked_when_used():
     model = eval_model(classifier_pooling="mean")
     model.config.classifier_pooling = "max"  # changed after construction, never validated
     with pytest.raises(ValueError, match="`classifier_pooling` must be 'cls' or 'mean', got 'max'"):
@@ -373,7 +392,7 @@ def test_bad_inputs_raise():
     [
         (dict(input_ids=torch.rand(2, 9)), TypeError, "`input_ids` must hold integer ids (torch.long or torch.int), got a tensor of dtype torch.float32"),
         (dict(input_ids=torch.ones(2, 9, dtype=torch.uint8)), TypeError, "`input_ids` must hold integer ids (torch.long or torch.int), got a tensor of dtype torch.uint8"),
-        (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 32, dtype=torch.float64)), TypeError, "`inputs_embeds` must have the model's dtype torch.float32, got torch.float64"),
+        (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 32, dtype=torch.float64)), TypeError, "`inputs_embeds` must have the model's dtype torch.float32 (or one that converts to it without loss), got torch.float64"),
         (dict(input_ids=torch.full((2, 9), 99)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from 99 to 99"),
         (dict(input_ids=torch.full((2, 9), -1)), ValueError, "`input_ids` must be in [0, vocab_size=99), got values from -1"),
         (dict(token_type_ids=torch.full((2, 9), 2)), ValueError, "`token_type_ids` must be in [0, type_vocab_size=2), got values from 2"),
@@ -403,13 +422,27 @@ def test_rotary_position_ids_are_checked_too():
     with pytest.raises(TypeError, match=re.escape("`position_ids` must hold integer ids")):
         model(input_ids, position_ids=torch.arange(9.0)[None])
     model(input_ids, position_ids=torch.arange(9)[None] + 100)  # rotary positions have no table to outgrow
+    torch.testing.assert_close(  # (seq,) broadcasts over the batch, as with learned positions
+        model(input_ids, position_ids=torch.arange(9) + 3).last_hidden_state,
+        model(input_ids, position_ids=(torch.arange(9) + 3).expand(2, -1)).last_hidden_state,
+    )
 
 
-def test_inputs_embeds_of_another_dtype_are_accepted_under_autocast():
-    model = eval_model(DualRouteModel)
+@pytest.mark.parametrize("position_embedding_type", ["absolute", "rope"])
+def test_inputs_embeds_in_another_dtype(position_embedding_type):
+    """A lossless cast (bf16 embeddings into a float32 model) is made; under autocast any cast is made; a lossy one
+    outside autocast raises instead of failing inside LayerNorm."""
+    model = eval_model(DualRouteModel, position_embedding_type=position_embedding_type)
     embeds = model.get_input_embeddings()(torch.randint(4, 99, (1, 6))).to(torch.bfloat16)
+    torch.testing.assert_close(
+        model(inputs_embeds=embeds).last_hidden_state, model(inputs_embeds=embeds.float()).last_hidden_state
+    )
+    half_model = eval_model(DualRouteModel, position_embedding_type=position_embedding_type).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="must have the model's dtype torch.bfloat16 .* got torch.float32"):
+        half_model(inputs_embeds=embeds.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(inputs_embeds=embeds).last_hidden_state.shape == (1, 6, 32)
+        out = half_model(inputs_embeds=embeds.float()).last_hidden_state
+    assert out.shape == (1, 6, 32) and out.isfinite().all()
 
 
 def test_classification_labels_out_of_range_raise_and_leave_the_problem_type_unset():
@@ -422,8 +455,9 @@ def test_classification_labels_out_of_range_raise_and_leave_the_problem_type_uns
     with pytest.raises(ValueError, match="multi-label classification needs `labels` of shape"):
         model(input_ids, labels=torch.tensor([0.0, 1.0]))  # float labels by mistake: inferred multi-label, rejected
     assert model.config.problem_type is None  # a rejected call does not decide the problem type for later calls
-    assert model(input_ids, labels=torch.tensor([0, 2])).loss.isfinite()
+    loss = model(input_ids, labels=torch.tensor([0, 2])).loss
     assert model.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(model(input_ids, labels=torch.tensor([0, 2], dtype=torch.int32)).loss, loss)
 
 
 def test_position_and_token_type_ids_that_broadcast_are_accepted():

@@ -407,8 +407,15 @@ def test_bad_decoder_inputs_name_the_decoder_argument():
         model(input_ids, attention_mask=attention_mask, decoder_input_ids=torch.full((2, 4), 500))
     labels = torch.randint(4, 99, (2, 4))
     labels[0, 1] = -1
-    with pytest.raises(ValueError, match=r"`labels` must be token ids in \[0, vocab_size=99\) or -100"):
+    with pytest.raises(
+        ValueError, match=r"`labels` must be token ids in \[0, vocab_size=99\) or -100 \(ignored\), got -1"
+    ):
         model(input_ids, attention_mask=attention_mask, labels=labels)
+    labels[0, 1] = 5
+    torch.testing.assert_close(  # int32 labels (cross-entropy takes long targets)
+        model(input_ids, attention_mask=attention_mask, labels=labels.int()).loss,
+        model(input_ids, attention_mask=attention_mask, labels=labels).loss,
+    )
     with pytest.raises(ValueError, match=r"`decoder_inputs_embeds` must have width 32"):
         model(input_ids, attention_mask=attention_mask, decoder_inputs_embeds=torch.randn(2, 4, 16))
 
