@@ -191,7 +191,7 @@ class DualRouteConfig(PreTrainedConfig):
             self.type_vocab_size >= 0,
             f"`type_vocab_size` must be >= 0 (0: no token types), got {self.type_vocab_size}.",
         )
-        for name in ("pad_token_id", "decoder_start_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             need(
                 value is None or 0 <= value < self.vocab_size,

@@ -77,6 +77,8 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
             "`decoder_max_position_embeddings` must be >= 1, got -3",
         ),
         (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
+        (dict(eos_token_id=99), ValueError, "`eos_token_id` must be a token id in [0, vocab_size=99), got 99"),
+        (dict(bos_token_id=-1), ValueError, "`bos_token_id` must be a token id in [0, vocab_size=99), got -1"),
     ],
 )
 def test_bad_config_raises_at_construction(overrides, error, words):
