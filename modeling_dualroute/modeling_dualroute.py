@@ -781,6 +781,14 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, metho
     return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def check_labels(labels: torch.Tensor, size: int, what: str) -> None:
+    """``labels`` in ``[0, size)`` or -100 (ignored); ``what`` names the range in the error. One host sync (none when
+    compiling)."""
+    out_of_range = (labels != -100) & ((labels < 0) | (labels >= size))
+    if not torch.compiler.is_compiling() and bool(out_of_range.any()):
+        raise ValueError(f"`labels` must be {what}{size}) or -100 (ignored), got {labels[out_of_range][0].item()}.")
+
+
 def sequence_classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, config: DualRouteConfig, num_items_in_batch=None
 ) -> torch.Tensor:
@@ -806,12 +814,7 @@ def sequence_classification_loss(
                 f"single-label classification needs integer `labels` of shape ({batch},), got {labels.dtype} "
                 f"labels of shape {tuple(labels.shape)}; for multi-label pass float labels of shape ({batch}, {num_labels})."
             )
-        out_of_range = (labels != -100) & ((labels < 0) | (labels >= num_labels))
-        if not torch.compiler.is_compiling() and bool(out_of_range.any()):
-            raise ValueError(
-                f"`labels` must be class ids in [0, num_labels={num_labels}) or -100 (ignored), got "
-                f"{labels[out_of_range][0].item()}."
-            )
+        check_labels(labels, num_labels, "class ids in [0, num_labels=")
         loss = nn.functional.cross_entropy(logits, labels.view(-1).long(), ignore_index=-100, reduction="sum")
         if num_items_in_batch is None:  # the mean over counted labels; 0, not NaN, when every label is -100
             loss = loss / (labels != -100).sum().clamp(min=1)
@@ -998,14 +1001,7 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
             kwargs["output_cross_router_indices"] = True
         if labels is not None:
             use_cache = False
-            vocab_size = self.config.vocab_size
-            if not torch.compiler.is_compiling() and bool(
-                ((labels != -100) & ((labels < 0) | (labels >= vocab_size))).any()
-            ):
-                bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))][0].item()
-                raise ValueError(
-                    f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored), got {bad}."
-                )
+            check_labels(labels, self.config.vocab_size, "token ids in [0, vocab_size=")
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if encoder_outputs is None:
