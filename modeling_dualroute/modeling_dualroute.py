@@ -627,12 +627,17 @@ def check_inputs(input_ids, inputs_embeds, attention_mask, prefix: str = "") -> 
     return batch, length
 
 
-def check_padding_mask(name: str, mask: torch.Tensor | None, batch: int, length: int) -> None:
-    """A ``(batch, length)`` mask of 1 (real token) and 0 (padding), as tokenizers return it."""
+def check_padding_mask(
+    name: str, mask: torch.Tensor | None, batch: int, length: int, length_name: str = "seq"
+) -> None:
+    """A ``(batch, length)`` mask of 1 (real token) and 0 (padding), as tokenizers return it; ``length_name`` says
+    in errors what the length counts."""
     if mask is None:
         return
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"`{name}` must have shape (batch, seq) = ({batch}, {length}), got {tuple(mask.shape)}.")
+        raise ValueError(
+            f"`{name}` must have shape (batch, {length_name}) = ({batch}, {length}), got {tuple(mask.shape)}."
+        )
     other = non_binary_value(mask)
     if other is not None:
         raise ValueError(
@@ -689,12 +694,7 @@ class DualRouteDecoder(DualRoutePreTrainedModel):
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
-            raise ValueError(
-                f"`decoder_attention_mask` must have shape (batch, past + seq) = ({batch}, {past_length + length}), "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        check_padding_mask("decoder_attention_mask", attention_mask, batch, past_length + length)
+        check_padding_mask("decoder_attention_mask", attention_mask, batch, past_length + length, "past + seq")
         if encoder_hidden_states.shape[0] != batch:
             raise ValueError(
                 f"the decoder inputs (`decoder_input_ids` / `decoder_inputs_embeds`, or `labels`) have batch size "
