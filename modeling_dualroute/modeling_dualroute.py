@@ -35,6 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder, _active_collecto
 from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
+from .feed_forward_dualroute import can_chunk, feed_forward
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
 from .routing_dualroute import non_binary_value
 
@@ -427,6 +428,9 @@ class DualRouteFeedForward(nn.Module):
         self.activation_dropout = config.activation_dropout
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        no_activation_dropout = not (self.training and self.activation_dropout)
+        if no_activation_dropout and can_chunk(hidden_states, self.fc1, self.fc2):
+            return feed_forward(hidden_states, self.fc1, self.fc2, self.activation)  # same values, less memory
         hidden_states = self.activation(self.fc1(hidden_states))
         hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
         return self.fc2(hidden_states)

@@ -1,0 +1,141 @@
+"""The chunked feed-forward block (activation recomputed in the backward pass) against the plain module calls."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from transformers.activations import ACT2FN
+
+from modeling_dualroute import DualRouteModel
+from modeling_dualroute import modeling_dualroute as modeling
+from modeling_dualroute.feed_forward_dualroute import can_chunk, feed_forward
+
+from helpers import tiny_config
+
+
+def make_block(hidden, intermediate, bias, dtype=torch.float64):
+    fc1, fc2 = nn.Linear(hidden, intermediate, bias=bias), nn.Linear(intermediate, hidden, bias=bias)
+    return fc1.to(dtype), fc2.to(dtype)
+
+
+def plain_and_chunked(x, fc1, fc2, activation, chunk_rows, grad_out):
+    """Outputs and gradients (x, then every parameter) of the plain module calls and of `feed_forward`."""
+    results = []
+    for chunked in (False, True):
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.grad = None
+        leaf = x.detach().requires_grad_(x.requires_grad)
+        out = feed_forward(leaf, fc1, fc2, activation, chunk_rows) if chunked else fc2(activation(fc1(leaf)))
+        out.backward(grad_out)
+        grads = [leaf.grad] + [p.grad for p in (*fc1.parameters(), *fc2.parameters())]
+        results.append((out.detach(), grads))
+    return results
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 40),
+    chunk_rows=st.integers(1, 50),
+    activation=st.sampled_from(["gelu", "relu", "silu", "gelu_new", "quick_gelu"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_feed_forward_equals_plain_forward_and_backward(batch, seq, chunk_rows, activation, bias, seed):
+    torch.manual_seed(seed)
+    fc1, fc2 = make_block(8, 24, bias)
+    x = torch.randn(batch, seq, 8, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(batch, seq, 8, dtype=torch.float64)
+    (plain_out, plain_grads), (out, grads) = plain_and_chunked(x, fc1, fc2, ACT2FN[activation], chunk_rows, grad_out)
+    torch.testing.assert_close(out, plain_out)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    fc1, fc2 = make_block(8, 24, bias=True)
+    fc1.requires_grad_(False)  # a frozen first layer, an input without gradient
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    grad_out = torch.randn(2, 5, 8, dtype=torch.float64)
+    (plain_out, plain_grads), (out, grads) = plain_and_chunked(x, fc1, fc2, ACT2FN["gelu"], 3, grad_out)
+    torch.testing.assert_close(out, plain_out)
+    assert grads[:3] == [None, None, None]
+    for got, expected in zip(grads[3:], plain_grads[3:], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_gradcheck():
+    fc1, fc2 = make_block(3, 5, bias=True)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    def block(x, w1, b1, w2, b2):
+        return torch.nn.functional.linear(ACT2FN["gelu"](torch.nn.functional.linear(x, w1, b1)), w2, b2)
+
+    torch.autograd.gradcheck(lambda *args: feed_forward(args[0], fc1, fc2, ACT2FN["gelu"], 2), (x,))
+    # and the weights' gradients through the public function equal the plain block's
+    out = feed_forward(x, fc1, fc2, ACT2FN["gelu"], 2).sum()
+    expected = torch.autograd.grad(block(x, *params).sum(), params)
+    torch.testing.assert_close(torch.autograd.grad(out, params), expected)
+
+
+def test_plain_calls_where_chunking_would_skip_something():
+    fc1, fc2 = make_block(8, 24, bias=True, dtype=torch.float32)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    assert can_chunk(x, fc1, fc2)
+    with torch.no_grad():
+        assert not can_chunk(x, fc1, fc2)  # inference keeps nothing: the plain calls are faster
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_chunk(x, fc1, fc2)
+
+    class Adapter(nn.Linear):  # e.g. a LoRA layer: its own forward must run
+        pass
+
+    assert not can_chunk(x, fc1, Adapter(24, 8))
+    handle = fc2.register_forward_hook(lambda *args: None)
+    assert not can_chunk(x, fc1, fc2)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+    assert not can_chunk(x, fc1, fc2)
+    handle.remove()
+    fc1.requires_grad_(False), fc2.requires_grad_(False)
+    assert not can_chunk(x.detach(), fc1, fc2)  # nothing needs a gradient
+
+
+def test_model_gradients_equal_the_plain_feed_forward(monkeypatch):
+    config = tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = DualRouteModel(config).double().train()
+    input_ids = torch.randint(5, config.vocab_size, (2, 48))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids).last_hidden_state.pow(2).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    monkeypatch.setattr(modeling, "feed_forward", lambda *args: calls.append(1) or feed_forward(*args))
+    chunked = gradients()
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(modeling, "can_chunk", lambda *args: False)
+    plain = gradients()
+    assert chunked.keys() == plain.keys() and any(".mlp.fc1." in name for name in chunked)
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], msg=name)
+
+
+def test_activation_dropout_takes_the_plain_path(monkeypatch):
+    config = tiny_config(num_hidden_layers=1, activation_dropout=0.5)
+    model = DualRouteModel(config).train()
+    called = []
+    monkeypatch.setattr(modeling, "feed_forward", lambda *args: called.append(1))
+    model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state.sum().backward()
+    assert not called  # dropout between the two layers cannot be recomputed
+
+
+def test_lora_on_the_feed_forward_trains_its_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_config(num_hidden_layers=1)
+    model = get_peft_model(DualRouteModel(config), LoraConfig(r=4, target_modules=["fc1", "fc2"])).train()
+    model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state.sum().backward()
+    adapters = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(adapters) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
