@@ -1,5 +1,6 @@
 """The chunked feed-forward block (activation recomputed in the backward pass) against the plain module calls."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,3 +140,12 @@ def test_lora_on_the_feed_forward_trains_its_adapters():
     model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state.sum().backward()
     adapters = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert len(adapters) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_second_order_gradients_raise_torchs_error():
+    config = tiny_config(num_hidden_layers=1)
+    model = DualRouteModel(config).train()
+    out = model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), model.layers[0].mlp.fc1.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()  # documented in the README's Limitations
