@@ -3,15 +3,15 @@
 
 Autograd keeps three tensors of a feed-forward block for the backward pass: ``fc1``'s input, the activation's input
 ``h`` and ``fc2``'s input ``act(h)``, the last two four times the hidden width; at long inputs they are the largest
-activations a layer keeps (at 8k tokens and FFN 2048: 128 of a layer's ~290 MB). The backward pass then allocates the
+activations a layer keeps (at 8k tokens and FFN 2048: 128 of the ~290 MB a 1-layer model keeps). The backward pass then allocates the
 gradients of ``act(h)`` and ``h``, each as large again, while all of that is still held.
 
 `feed_forward` computes the same function and the same gradients, but keeps only ``x`` and ``h``: ``act(h)`` is
-recomputed in the backward pass (an elementwise op, ~1% of the block's time), and both passes work through the rows in
+recomputed in the backward pass (an elementwise op: a training step measured no slower), and both passes work through the rows in
 chunks, so the block's temporaries are a chunk's, not the whole input's. The weight gradients accumulate chunk by
-chunk. `DualRouteFeedForward` uses it when autograd is recording through plain ``nn.Linear`` layers; anything else
-(inference, adapters or hooks on the layers, autocast, activation dropout) takes the plain module calls, which compute
-the same values.
+chunk (in float32 at least). `DualRouteFeedForward` uses it when autograd is recording through plain ``nn.Linear``
+layers (`can_chunk`); anything else (inference, adapters, hooks, autocast, ``torch.func`` transforms, activation
+dropout) takes the plain module calls, which compute the same values.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class _ChunkedFeedForward(torch.autograd.Function):
             out[chunk] = torch.nn.functional.linear(activation(hidden[chunk]), fc2_weight, fc2_bias)
         ctx.save_for_backward(rows, hidden, fc1_weight, fc2_weight)
         ctx.activation, ctx.chunk_rows, ctx.input_shape = activation, chunk_rows, x.shape
-        ctx.has_bias = fc1_bias is not None, fc2_bias is not None
         return out.view(*x.shape[:-1], fc2_weight.shape[0])
 
     @staticmethod
@@ -49,9 +48,12 @@ class _ChunkedFeedForward(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = rows.new_empty(rows.shape) if needs[0] else None
-        grad_fc1_weight = torch.zeros_like(fc1_weight) if needs[1] else None
-        grad_fc1_bias = fc1_weight.new_zeros(fc1_weight.shape[0]) if needs[2] else None
-        grad_fc2_weight = torch.zeros_like(fc2_weight) if needs[3] else None
+        # Parameter gradients add up over the chunks: in float32 at least, so that half-precision weights do not
+        # round the running sum at every chunk (the plain path rounds its single product once).
+        accumulate = torch.promote_types(fc1_weight.dtype, torch.float32)
+        grad_fc1_weight = torch.zeros_like(fc1_weight, dtype=accumulate) if needs[1] else None
+        grad_fc1_bias = fc1_weight.new_zeros(fc1_weight.shape[0], dtype=accumulate) if needs[2] else None
+        grad_fc2_weight = torch.zeros_like(fc2_weight, dtype=accumulate) if needs[3] else None
         grad_fc2_bias = grad_out.sum(0) if needs[4] else None
         for start in range(0, rows.shape[0], ctx.chunk_rows):
             chunk = slice(start, start + ctx.chunk_rows)
@@ -60,18 +62,30 @@ class _ChunkedFeedForward(torch.autograd.Function):
                 hidden_chunk = hidden[chunk].detach().requires_grad_()
                 activated = ctx.activation(hidden_chunk)  # recomputed instead of kept
             if grad_fc2_weight is not None:
-                grad_fc2_weight.addmm_(grad_chunk.T, activated)
+                _accumulate(grad_fc2_weight, grad_chunk.T, activated)
             (grad_hidden,) = torch.autograd.grad(activated, hidden_chunk, grad_chunk @ fc2_weight)
             del activated
             if grad_fc1_weight is not None:
-                grad_fc1_weight.addmm_(grad_hidden.T, rows[chunk])
+                _accumulate(grad_fc1_weight, grad_hidden.T, rows[chunk])
             if grad_fc1_bias is not None:
                 grad_fc1_bias += grad_hidden.sum(0)
             if grad_x is not None:
                 torch.mm(grad_hidden, fc1_weight, out=grad_x[chunk])
+        grad_fc1_weight, grad_fc1_bias, grad_fc2_weight = (
+            None if grad is None else grad.to(fc1_weight.dtype)
+            for grad in (grad_fc1_weight, grad_fc1_bias, grad_fc2_weight)
+        )
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias, None, None
+
+
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += a @ b``, in place when the dtypes agree."""
+    if total.dtype == a.dtype:
+        total.addmm_(a, b)
+    else:
+        total += a @ b
 
 
 def feed_forward(
@@ -81,24 +95,39 @@ def feed_forward(
     return _ChunkedFeedForward.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, chunk_rows)
 
 
-def can_chunk(x: torch.Tensor, *layers: nn.Module) -> bool:
-    """Whether `feed_forward` may replace the plain module calls: autograd records this call, and each layer is a
-    plain ``nn.Linear`` (no adapter, quantization, hook or wrapped ``forward``) whose weights live with ``x``."""
+def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:
+    """Whether `feed_forward` may replace the plain calls ``fc2(activation(fc1(x)))``: autograd records this call,
+    outside ``torch.func`` transforms and autocast; both layers are plain ``nn.Linear`` (no adapter, quantization or
+    wrapped ``forward``) with weights on ``x``'s device; and no hook is registered on the layers, on the activation
+    (when it is a module) or globally, since the function neither calls the layers nor calls the activation once on
+    the whole input."""
     if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return False
-    for layer in layers:
-        if type(layer) is not nn.Linear or "forward" in layer.__dict__:
+    modules = (fc1, fc2, activation) if isinstance(activation, nn.Module) else (fc1, fc2)
+    if _global_hooks() or any("forward" in m.__dict__ or any(getattr(m, h) for h in _MODULE_HOOKS) for m in modules):
+        return False
+    for layer in (fc1, fc2):
+        if (
+            type(layer) is not nn.Linear
+            or type(layer.weight.data) is not torch.Tensor
+            or layer.weight.device != x.device
+        ):
             return False
-        if layer._forward_hooks or layer._forward_pre_hooks or _global_hooks():
-            return False
-        if type(layer.weight.data) is not torch.Tensor or layer.weight.device != x.device:
-            return False
-    return x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
+    if _functorch_wrapped(x, *fc1.parameters(), *fc2.parameters()):
+        return False
+    return x.requires_grad or any(p.requires_grad for layer in (fc1, fc2) for p in layer.parameters())
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _global_hooks() -> bool:
-    module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return any(getattr(nn.modules.module, f"_global{name}") for name in _MODULE_HOOKS)
+
+
+def _functorch_wrapped(*tensors: torch.Tensor) -> bool:
+    """Inside ``torch.func.grad`` / ``vmap`` the tensors are functorch wrappers; the function has no rules for those."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 __all__ = ["CHUNK_ROWS", "can_chunk", "feed_forward"]

@@ -429,7 +429,7 @@ class DualRouteFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         no_activation_dropout = not (self.training and self.activation_dropout)
-        if no_activation_dropout and can_chunk(hidden_states, self.fc1, self.fc2):
+        if no_activation_dropout and can_chunk(hidden_states, self.fc1, self.fc2, self.activation):
             return feed_forward(hidden_states, self.fc1, self.fc2, self.activation)  # same values, less memory
         hidden_states = self.activation(self.fc1(hidden_states))
         hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)

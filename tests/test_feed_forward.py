@@ -1,5 +1,7 @@
 """The chunked feed-forward block (activation recomputed in the backward pass) against the plain module calls."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -81,25 +83,33 @@ def test_gradcheck():
 
 def test_plain_calls_where_chunking_would_skip_something():
     fc1, fc2 = make_block(8, 24, bias=True, dtype=torch.float32)
+    gelu = ACT2FN["gelu"]  # a module
     x = torch.randn(2, 5, 8, requires_grad=True)
-    assert can_chunk(x, fc1, fc2)
+    assert can_chunk(x, fc1, fc2, gelu)
     with torch.no_grad():
-        assert not can_chunk(x, fc1, fc2)  # inference keeps nothing: the plain calls are faster
+        assert not can_chunk(x, fc1, fc2, gelu)  # inference keeps nothing: the plain calls are faster
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not can_chunk(x, fc1, fc2)
+        assert not can_chunk(x, fc1, fc2, gelu)
 
     class Adapter(nn.Linear):  # e.g. a LoRA layer: its own forward must run
         pass
 
-    assert not can_chunk(x, fc1, Adapter(24, 8))
+    assert not can_chunk(x, fc1, Adapter(24, 8), gelu)
     handle = fc2.register_forward_hook(lambda *args: None)
-    assert not can_chunk(x, fc1, fc2)
+    assert not can_chunk(x, fc1, fc2, gelu)
     handle.remove()
-    handle = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
-    assert not can_chunk(x, fc1, fc2)
-    handle.remove()
+    for register in (fc1.register_full_backward_hook, fc2.register_full_backward_pre_hook, gelu.register_forward_hook):
+        handle = register(lambda *args: None)
+        assert not can_chunk(x, fc1, fc2, gelu)  # a hook on either layer or on the activation must see its calls
+        handle.remove()
+    global_hooks = nn.modules.module
+    for register in (global_hooks.register_module_forward_pre_hook, global_hooks.register_module_full_backward_hook):
+        handle = register(lambda *args: None)
+        assert not can_chunk(x, fc1, fc2, gelu)
+        handle.remove()
+    assert can_chunk(x, fc1, fc2, gelu)
     fc1.requires_grad_(False), fc2.requires_grad_(False)
-    assert not can_chunk(x.detach(), fc1, fc2)  # nothing needs a gradient
+    assert not can_chunk(x.detach(), fc1, fc2, gelu)  # nothing needs a gradient
 
 
 def test_model_gradients_equal_the_plain_feed_forward(monkeypatch):
@@ -149,3 +159,34 @@ def test_second_order_gradients_raise_torchs_error():
     (grad,) = torch.autograd.grad(out.pow(2).sum(), model.layers[0].mlp.fc1.weight, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()  # documented in the README's Limitations
+
+
+def test_torch_func_transforms_take_the_plain_calls():
+    config = tiny_config(num_hidden_layers=1)
+    model = DualRouteModel(config).train()
+    input_ids = torch.randint(5, config.vocab_size, (1, 16))
+    params = dict(model.named_parameters())
+
+    def loss(params):
+        return torch.func.functional_call(model, params, (input_ids,)).last_hidden_state.pow(2).sum()
+
+    grads = torch.func.grad(loss)(params)
+    loss(params).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+def test_half_precision_weight_gradients_add_up_in_float32():
+    torch.manual_seed(0)
+    fc1, fc2 = make_block(16, 32, bias=True, dtype=torch.float64)
+    x = torch.randn(4096, 16, dtype=torch.float64)
+    grad_out = torch.randn(4096, 16, dtype=torch.float64)
+    (_, exact), _ = plain_and_chunked(x, fc1, fc2, ACT2FN["gelu"], 4096, grad_out)
+    half_fc1, half_fc2 = (copy.deepcopy(layer).bfloat16() for layer in (fc1, fc2))
+    (_, plain), (_, chunked) = plain_and_chunked(
+        x.bfloat16(), half_fc1, half_fc2, ACT2FN["gelu"], 64, grad_out.bfloat16()
+    )
+    for got, expected, reference in zip(chunked[1:], plain[1:], exact[1:], strict=True):
+        assert got.dtype == torch.bfloat16
+        error = (got.double() - reference).norm() / reference.norm()
+        assert error <= 1.25 * (expected.double() - reference).norm() / reference.norm() + 1e-3
