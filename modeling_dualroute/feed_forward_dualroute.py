@@ -3,15 +3,15 @@
 
 Autograd keeps three tensors of a feed-forward block for the backward pass: ``fc1``'s input, the activation's input
 ``h`` and ``fc2``'s input ``act(h)``, the last two four times the hidden width; at long inputs they are the largest
-activations a layer keeps (at 8k tokens and FFN 2048: 128 of the ~290 MB a 1-layer model keeps). The backward pass then allocates the
-gradients of ``act(h)`` and ``h``, each as large again, while all of that is still held.
+activations a layer keeps (at 8k tokens and FFN 2048: 128 of the ~290 MB a 1-layer model keeps). The backward pass
+then allocates the gradients of ``act(h)`` and ``h``, each as large again, while all of that is still held.
 
 `feed_forward` computes the same function and the same gradients, but keeps only ``x`` and ``h``: ``act(h)`` is
-recomputed in the backward pass (an elementwise op: a training step measured no slower), and both passes work through the rows in
-chunks, so the block's temporaries are a chunk's, not the whole input's. The weight gradients accumulate chunk by
-chunk (in float32 at least). `DualRouteFeedForward` uses it when autograd is recording through plain ``nn.Linear``
-layers (`can_chunk`); anything else (inference, adapters, hooks, autocast, ``torch.func`` transforms, activation
-dropout) takes the plain module calls, which compute the same values.
+recomputed in the backward pass (an elementwise op: a training step measured no slower), and both passes work through
+the rows in chunks, so the block's temporaries are a chunk's, not the whole input's. The weight gradients accumulate
+chunk by chunk (in float32 at least). `DualRouteFeedForward` uses it when autograd is recording through plain
+``nn.Linear`` layers (`can_chunk`); anything else (inference, adapters, hooks, autocast, ``torch.func`` transforms,
+activation dropout) takes the plain module calls, which compute the same values.
 """
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ class _ChunkedFeedForward(torch.autograd.Function):
             if grad_x is not None:
                 torch.mm(grad_hidden, fc1_weight, out=grad_x[chunk])
         grad_fc1_weight, grad_fc1_bias, grad_fc2_weight = (
-            None if grad is None else grad.to(fc1_weight.dtype)
-            for grad in (grad_fc1_weight, grad_fc1_bias, grad_fc2_weight)
+            None if grad is None else grad.to(weight.dtype)
+            for grad, weight in (
+                (grad_fc1_weight, fc1_weight),
+                (grad_fc1_bias, fc1_weight),
+                (grad_fc2_weight, fc2_weight),
+            )
         )
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
@@ -91,7 +95,7 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def feed_forward(
     x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, activation: Callable, chunk_rows: int = CHUNK_ROWS
 ) -> torch.Tensor:
-    """``fc2(activation(fc1(x)))`` keeping only ``x`` and ``fc1(x)`` for the backward pass (see the module docstring)."""
+    """``fc2(activation(fc1(x)))``, keeping only ``x`` and ``fc1(x)`` for the backward pass (module docstring)."""
     return _ChunkedFeedForward.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, chunk_rows)
 
 
