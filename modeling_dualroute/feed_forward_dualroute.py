@@ -105,7 +105,7 @@ def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Calla
     wrapped ``forward``) with weights on ``x``'s device; and no hook is registered on the layers, on the activation
     (when it is a module) or globally, since the function neither calls the layers nor calls the activation once on
     the whole input."""
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return False
     modules = (fc1, fc2, activation) if isinstance(activation, nn.Module) else (fc1, fc2)
     if _global_hooks() or any("forward" in m.__dict__ or any(getattr(m, h) for h in _MODULE_HOOKS) for m in modules):
@@ -122,6 +122,12 @@ def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Calla
     return x.requires_grad or any(p.requires_grad for layer in (fc1, fc2) for p in layer.parameters())
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; ``False`` for device types autocast does not know (``meta``), on
+    which ``torch.is_autocast_enabled`` raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -134,4 +140,4 @@ def _functorch_wrapped(*tensors: torch.Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-__all__ = ["CHUNK_ROWS", "can_chunk", "feed_forward"]
+__all__ = ["CHUNK_ROWS", "autocast_enabled", "can_chunk", "feed_forward"]

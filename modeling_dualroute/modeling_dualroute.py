@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder, _active_collecto
 from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
-from .feed_forward_dualroute import can_chunk, feed_forward
+from .feed_forward_dualroute import autocast_enabled, can_chunk, feed_forward
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
 from .routing_dualroute import non_binary_value
 
@@ -189,8 +189,7 @@ def _in_model_dtype(name: str, embeds: torch.Tensor, dtype: torch.dtype) -> torc
     failing later inside LayerNorm with a mixed-dtype error."""
     if embeds.dtype == dtype:
         return embeds
-    device_type = embeds.device.type
-    autocast = device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type)
+    autocast = autocast_enabled(embeds.device.type)
     if embeds.is_floating_point() and (autocast or torch.promote_types(embeds.dtype, dtype) == dtype):
         return embeds.to(dtype)
     raise TypeError(

@@ -103,6 +103,8 @@ def test_plain_calls_where_chunking_would_skip_something():
         assert not can_chunk(x, fc1, fc2, gelu)
         handle.remove()
     assert can_chunk(x, fc1, fc2, gelu)
+    meta = [nn.Linear(8, 24, device="meta"), nn.Linear(24, 8, device="meta")]
+    assert can_chunk(torch.empty(2, 8, device="meta", requires_grad=True), *meta, gelu)  # autocast knows no meta
     fc1.requires_grad_(False), fc2.requires_grad_(False)
     assert not can_chunk(x.detach(), fc1, fc2, gelu)  # nothing needs a gradient
 
