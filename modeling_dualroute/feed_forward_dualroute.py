@@ -10,7 +10,7 @@ then allocates the gradients of ``act(h)`` and ``h``, each as large again, while
 recomputed in the backward pass (an elementwise op: a training step measured no slower), and both passes work through
 the rows in chunks, so the block's temporaries are a chunk's, not the whole input's. The weight gradients accumulate
 chunk by chunk (in float32 at least). `DualRouteFeedForward` uses it when autograd is recording through plain
-``nn.Linear`` layers (`can_chunk`); anything else (inference, adapters, hooks, autocast, ``torch.func`` transforms,
+linear layers (`can_chunk`); anything else (inference, adapters, hooks, autocast, ``torch.func`` transforms,
 activation dropout) takes the plain module calls, which compute the same values.
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .linear_dualroute import DualRouteLinear
 
 
 # Rows per chunk: each chunk's temporaries are chunk_rows x intermediate (8 MB at 1024 x 2048 in float32). A 1-layer
@@ -101,10 +103,10 @@ def feed_forward(
 
 def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:
     """Whether `feed_forward` may replace the plain calls ``fc2(activation(fc1(x)))``: autograd records this call,
-    outside ``torch.func`` transforms and autocast; both layers are plain ``nn.Linear`` (no adapter, quantization or
-    wrapped ``forward``) with weights on ``x``'s device; and no hook is registered on the layers, on the activation
-    (when it is a module) or globally, since the function neither calls the layers nor calls the activation once on
-    the whole input."""
+    outside ``torch.func`` transforms and autocast; both layers are plain ``nn.Linear`` or `DualRouteLinear` (no
+    adapter, quantization or wrapped ``forward``) with weights on ``x``'s device; and no hook is registered on the
+    layers, on the activation (when it is a module) or globally, since the function neither calls the layers nor
+    calls the activation once on the whole input."""
     if not torch.is_grad_enabled() or autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return False
     modules = (fc1, fc2, activation) if isinstance(activation, nn.Module) else (fc1, fc2)
@@ -112,7 +114,7 @@ def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Calla
         return False
     for layer in (fc1, fc2):
         if (
-            type(layer) is not nn.Linear
+            type(layer) not in (nn.Linear, DualRouteLinear)
             or type(layer.weight.data) is not torch.Tensor
             or layer.weight.device != x.device
         ):

@@ -36,6 +36,7 @@ from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
 from .feed_forward_dualroute import autocast_enabled, can_chunk, feed_forward
+from .linear_dualroute import DualRouteLinear
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
 from .routing_dualroute import non_binary_value
 
@@ -320,10 +321,10 @@ class DualRouteAttention(nn.Module):
         self.is_cross_attention = is_cross_attention
         self.routed = routed
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(config.hidden_size, num_heads * self.head_dim)
-        self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim)
-        self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim)
-        self.out_proj = nn.Linear(num_heads * self.head_dim, config.hidden_size)
+        self.q_proj = DualRouteLinear(config.hidden_size, num_heads * self.head_dim)
+        self.k_proj = DualRouteLinear(config.hidden_size, num_key_value_heads * self.head_dim)
+        self.v_proj = DualRouteLinear(config.hidden_size, num_key_value_heads * self.head_dim)
+        self.out_proj = DualRouteLinear(num_heads * self.head_dim, config.hidden_size)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -421,8 +422,8 @@ def _router_indices_requested() -> bool:
 class DualRouteFeedForward(nn.Module):
     def __init__(self, config: DualRouteConfig, intermediate_size: int):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, config.hidden_size)
+        self.fc1 = DualRouteLinear(config.hidden_size, intermediate_size)
+        self.fc2 = DualRouteLinear(intermediate_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
         self.activation_dropout = config.activation_dropout
 
@@ -888,30 +889,6 @@ class DualRouteForSequenceClassification(DualRoutePreTrainedModel):
         )
 
 
-class DualRouteLMHead(nn.Linear):
-    """The LM head: an ``nn.Linear`` that multiplies a decoding step's few rows faster on CPU.
-
-    A decoding step has one row per sequence and beam. For 2 to 16 rows torch's CPU ``linear`` is slow: 4 beams over
-    30k words take 12 ms, against 4 ms for the same product taken as ``weight @ x^T`` (the LM head was a quarter of a
-    4-beam step). Up to `FEW_ROWS` rows of a plain float weight on the input's CPU device the product is taken that
-    way; everything else, and every other device, goes through ``nn.Linear``. Being the module's own ``forward``,
-    hooks, adapters and offloading wrappers see it like any ``nn.Linear``.
-    """
-
-    FEW_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
-        weight = self.weight
-        plain_weight = type(weight.data) is torch.Tensor and weight.device == x.device  # not quantized, not offloaded
-        if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS or not plain_weight:
-            return super().forward(x)
-        out = (weight @ x.reshape(rows, x.shape[-1]).T).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.contiguous().view(*x.shape[:-1], self.out_features)
-
-
 class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixin):
     """Encoder-decoder with a language-modelling head: long input in, text out. ``model`` is the encoder (the base
     model shared with the other heads), ``decoder`` the decoder; input, decoder and output embeddings are tied."""
@@ -931,7 +908,7 @@ class DualRouteForConditionalGeneration(DualRoutePreTrainedModel, GenerationMixi
         super().__init__(config)
         self.model = DualRouteModel(config)
         self.decoder = DualRouteDecoder(config)
-        self.lm_head = DualRouteLMHead(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DualRouteLinear(config.hidden_size, config.vocab_size, bias=False)
         self.final_logits_bias = nn.Buffer(torch.zeros(1, config.vocab_size))
         self.post_init()
 

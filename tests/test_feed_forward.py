@@ -12,6 +12,7 @@ from transformers.activations import ACT2FN
 from modeling_dualroute import DualRouteModel
 from modeling_dualroute import modeling_dualroute as modeling
 from modeling_dualroute.feed_forward_dualroute import _ChunkedFeedForward, can_chunk, feed_forward
+from modeling_dualroute.linear_dualroute import DualRouteLinear
 
 from helpers import tiny_config
 
@@ -90,6 +91,7 @@ def test_plain_calls_where_chunking_would_skip_something():
         pass
 
     assert not can_chunk(x, fc1, Adapter(24, 8), gelu)
+    assert can_chunk(x, DualRouteLinear(8, 24), DualRouteLinear(24, 8), gelu)  # the model's own layers
     handle = fc2.register_forward_hook(lambda *args: None)
     assert not can_chunk(x, fc1, fc2, gelu)
     handle.remove()
