@@ -225,7 +225,8 @@ def summarize(rows: list[dict]) -> dict:
     if 16384 in lengths:
         dense = _median(rows, n=16384, causal=False, mode="forward", method="sdpa")
         best = fastest_forward(16384)
-        targets["forward_speedup_16k"] = {"value": dense / best, "target": 12.0, "met": dense / best >= 12.0}
+        # goal: half the FLOP limit (top-k 8 of 256 key blocks reads 1/32 of the keys)
+        targets["forward_speedup_16k"] = {"value": dense / best, "target": 16.0, "met": dense / best >= 16.0}
         route = _median(rows, n=16384, causal=False, mode="routing", method="route_blocks")
         share = route / best
         targets["routing_share_16k"] = {"value": share, "target": 0.10, "met": share <= 0.10}
