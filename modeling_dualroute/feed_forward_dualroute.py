@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .linear_dualroute import DualRouteLinear
+from .linear_dualroute import DualRouteLinear, plain_weight_on
 
 
 # Rows per chunk: each chunk's temporaries are chunk_rows x intermediate (8 MB at 1024 x 2048 in float32). A 1-layer
@@ -113,11 +113,7 @@ def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Calla
     if _global_hooks() or any("forward" in m.__dict__ or any(getattr(m, h) for h in _MODULE_HOOKS) for m in modules):
         return False
     for layer in (fc1, fc2):
-        if (
-            type(layer) not in (nn.Linear, DualRouteLinear)
-            or type(layer.weight.data) is not torch.Tensor
-            or layer.weight.device != x.device
-        ):
+        if type(layer) not in (nn.Linear, DualRouteLinear) or not plain_weight_on(layer, x.device):
             return False
     if _functorch_wrapped(x, *fc1.parameters(), *fc2.parameters()):
         return False

@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 
+def plain_weight_on(layer: nn.Linear, device: torch.device) -> bool:
+    """Whether ``layer``'s weight is a plain tensor (not quantized or wrapped) on ``device`` (not offloaded)."""
+    return type(layer.weight.data) is torch.Tensor and layer.weight.device == device
+
+
 class DualRouteLinear(nn.Linear):
     """``nn.Linear`` whose CPU forward takes up to `FEW_ROWS` rows of a plain float weight as ``weight @ x^T``
     (same values and gradients up to rounding); everything else, and every other device, is ``nn.Linear``'s."""
@@ -25,17 +30,16 @@ class DualRouteLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        weight = self.weight
-        plain_weight = type(weight.data) is torch.Tensor and weight.device == x.device  # not quantized, not offloaded
-        if x.device.type != "cpu" or not 0 < rows <= self.FEW_ROWS or not plain_weight or x.dtype != weight.dtype:
+        few_rows_on_cpu = x.device.type == "cpu" and 0 < rows <= self.FEW_ROWS and x.dtype == self.weight.dtype
+        if not few_rows_on_cpu or not plain_weight_on(self, x.device):
             return super().forward(x)
         x_rows = x.reshape(rows, self.in_features)
         if rows == 1:  # a second copy: matrix-matrix instead of the slow matrix-vector kernel
             x_rows = x_rows.expand(2, -1).contiguous()
-        out = (weight @ x_rows.T)[:, :rows].T  # x_rows.T column-major: a row-major copy was as slow as linear
+        out = (self.weight @ x_rows.T)[:, :rows].T  # x_rows.T column-major: a row-major copy was as slow as linear
         if self.bias is not None:
             out = out + self.bias
         return out.contiguous().view(*x.shape[:-1], self.out_features)
 
 
-__all__ = ["DualRouteLinear"]
+__all__ = ["DualRouteLinear", "plain_weight_on"]

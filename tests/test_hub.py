@@ -39,8 +39,13 @@ def test_checkpoint_files_and_auto_map(classifier_checkpoint):
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "configuration_dualroute.py", "modeling_dualroute.py"} <= names
     kernels = {"gather_dualroute.py", "token_gather_dualroute.py", "decode_dualroute.py", "flex_dualroute.py"}
-    layers = {"attention_dualroute.py", "routing_dualroute.py", "cache_dualroute.py", "feed_forward_dualroute.py"}
-    layers |= {"linear_dualroute.py"}
+    layers = {
+        "attention_dualroute.py",
+        "routing_dualroute.py",
+        "cache_dualroute.py",
+        "feed_forward_dualroute.py",
+        "linear_dualroute.py",
+    }
     assert layers | kernels <= names
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_dualroute.DualRouteModel"

@@ -91,12 +91,15 @@ def test_mismatched_dtype_raises_like_nn_linear():
     assert str(fast_error.value) == str(plain_error.value)
 
 
-def test_hooks_see_the_fast_path():
-    fast, _ = twins(8, 4, True, torch.float32)
-    seen = []
-    fast.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-    fast(torch.randn(3, 8))
-    assert seen == [torch.Size([3, 4])]
+@pytest.mark.parametrize("rows", [1, 4])
+def test_hooks_fire_on_the_few_rows_path(rows):
+    model = DualRouteForConditionalGeneration(tiny_seq2seq_config())
+    fired = []
+    model.lm_head.register_forward_hook(lambda module, args, out: fired.append(("forward", out.shape)))
+    model.lm_head.register_full_backward_hook(lambda module, grad_in, grad_out: fired.append(("backward", None)))
+    hidden = torch.randn(rows, 1, model.config.hidden_size, requires_grad=True)
+    model.lm_head(hidden).sum().backward()
+    assert fired == [("forward", (rows, 1, model.config.vocab_size)), ("backward", None)]
 
 
 def test_models_use_it_with_nn_linear_state_dict_keys():
