@@ -314,13 +314,8 @@ def routed_attention_with_plan(
         else:
             output = dense_attention(query, key, value, mask, scale=scale, dropout=dropout)
     elif chosen == "dense":
-        output = dense_attention(
-            query,
-            key,
-            value,
-            visibility_mask(key_padding_mask, q_len, k_len, causal, query_offset, query.device),
-            scale=scale,
-            dropout=dropout,
+        output = visible_attention(
+            query, key, value, key_padding_mask, causal, query_offset, scale=scale, dropout=dropout
         )
     elif chosen == "gather" and per_token and q_len == 1 and not dropout:
         output = decode_attention(query, key, value, plan, scale=scale, **geometry)
@@ -332,6 +327,30 @@ def routed_attention_with_plan(
     else:
         output = flex_attention_from_plan(query, key, value, plan, per_token=per_token, scale=scale, **geometry)
     return output, info
+
+
+def visible_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+    *,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Dense attention under padding and causality only. A causal call without padding whose queries are all of its
+    keys (a decoder's training or first forward pass) uses SDPA's ``is_causal``, which skips the masked half, instead
+    of building a boolean mask (0-10% faster on CPU at 64-512 tokens)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if causal and key_valid is None and q_len == k_len > 1:
+        group = query.shape[1] // key.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=group > 1
+        )
+    mask = visibility_mask(key_valid, q_len, k_len, causal, query_offset, query.device)
+    return dense_attention(query, key, value, mask, scale=scale, dropout=dropout)
 
 
 def visibility_mask(

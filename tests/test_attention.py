@@ -468,6 +468,19 @@ def test_top_k_covering_every_block_equals_sdpa(p):
         torch.testing.assert_close(out, expected, atol=1e-5 if backend == "gather" else 1e-10, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("q_len", [37, 5])  # 37: every key (SDPA's is_causal); 5: the last queries (a boolean mask)
+def test_causal_dense_path_matches_reference_forward_and_backward(group, q_len):
+    p = dict(
+        kind="causal", batch=2, kv_heads=2, q_heads=2 * group, q_len=q_len, k_len=37, dim=8, block_size=4, top_k=10,
+        global_blocks=1, padding="none", seed=q_len,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+    _, info = routed_attention_with_plan(query, key, value, **options)
+    assert info["backend"] == "dense"
+    assert_matches_reference(query, key, value, options, "auto")
+
+
 # -- invariants --------------------------------------------------------------------------------------------------------
 
 
