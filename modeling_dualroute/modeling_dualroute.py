@@ -35,7 +35,13 @@ from transformers.utils.output_capturing import OutputRecorder, _active_collecto
 from .attention_dualroute import register_dualroute_attention
 from .cache_dualroute import DualRouteCacheLayer
 from .configuration_dualroute import ROUTED_ATTENTION, DualRouteConfig
-from .feed_forward_dualroute import autocast_enabled, can_chunk, feed_forward
+from .feed_forward_dualroute import (
+    autocast_enabled,
+    can_chunk,
+    can_chunk_inference,
+    feed_forward,
+    feed_forward_inference,
+)
 from .linear_dualroute import DualRouteLinear
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
 from .routing_dualroute import non_binary_value
@@ -431,6 +437,8 @@ class DualRouteFeedForward(nn.Module):
         no_activation_dropout = not (self.training and self.activation_dropout)
         if no_activation_dropout and can_chunk(hidden_states, self.fc1, self.fc2, self.activation):
             return feed_forward(hidden_states, self.fc1, self.fc2, self.activation)  # same values, less memory
+        if no_activation_dropout and can_chunk_inference(hidden_states, self.fc1, self.fc2, self.activation):
+            return feed_forward_inference(hidden_states, self.fc1, self.fc2, self.activation)  # same, fewer faults
         hidden_states = self.activation(self.fc1(hidden_states))
         hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
         return self.fc2(hidden_states)

@@ -11,7 +11,14 @@ from transformers.activations import ACT2FN
 
 from modeling_dualroute import DualRouteModel
 from modeling_dualroute import modeling_dualroute as modeling
-from modeling_dualroute.feed_forward_dualroute import _ChunkedFeedForward, can_chunk, feed_forward
+from modeling_dualroute.feed_forward_dualroute import (
+    CHUNK_ROWS,
+    _ChunkedFeedForward,
+    can_chunk,
+    can_chunk_inference,
+    feed_forward,
+    feed_forward_inference,
+)
 from modeling_dualroute.linear_dualroute import DualRouteLinear
 
 from helpers import tiny_config
@@ -83,7 +90,7 @@ def test_plain_calls_where_chunking_would_skip_something():
     x = torch.randn(2, 5, 8, requires_grad=True)
     assert can_chunk(x, fc1, fc2, gelu)
     with torch.no_grad():
-        assert not can_chunk(x, fc1, fc2, gelu)  # inference keeps nothing: the plain calls are faster
+        assert not can_chunk(x, fc1, fc2, gelu)  # no autograd: `can_chunk_inference` decides
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not can_chunk(x, fc1, fc2, gelu)
 
@@ -139,6 +146,64 @@ def test_activation_dropout_takes_the_plain_path(monkeypatch):
     monkeypatch.setattr(modeling, "feed_forward", lambda *args: called.append(1))
     model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state.sum().backward()
     assert not called  # dropout between the two layers cannot be recomputed
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 40),
+    chunk_rows=st.integers(1, 50),
+    activation=st.sampled_from(["gelu", "relu", "silu", "gelu_new", "quick_gelu"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_inference_feed_forward_equals_plain_calls(batch, seq, chunk_rows, activation, bias, seed):
+    torch.manual_seed(seed)
+    fc1, fc2 = make_block(8, 24, bias)
+    x = torch.randn(batch, seq, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = fc2(ACT2FN[activation](fc1(x)))
+        out = feed_forward_inference(x, fc1, fc2, ACT2FN[activation], chunk_rows)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+
+
+def test_inference_chunks_only_long_plain_inputs_without_autograd():
+    fc1, fc2 = make_block(8, 24, bias=True, dtype=torch.float32)
+    gelu = ACT2FN["gelu"]
+    long, short = torch.randn(2, CHUNK_ROWS // 2 + 1, 8), torch.randn(2, CHUNK_ROWS // 2, 8)
+    with torch.no_grad():
+        assert can_chunk_inference(long, fc1, fc2, gelu)
+        assert not can_chunk_inference(short, fc1, fc2, gelu)  # one chunk: nothing to gain
+        assert not can_chunk_inference(long.double(), fc1, fc2, gelu)  # the plain call raises its own dtype error
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not can_chunk_inference(long, fc1, fc2, gelu)
+        handle = gelu.register_forward_hook(lambda *args: None)
+        assert not can_chunk_inference(long, fc1, fc2, gelu)
+        handle.remove()
+        meta = [nn.Linear(8, 24, device="meta"), nn.Linear(24, 8, device="meta")]
+        assert not can_chunk_inference(long.to("meta"), *meta, gelu)  # CPU only: measured there
+    assert not can_chunk_inference(long, fc1, fc2, gelu)  # autograd records: the training path's business
+    assert can_chunk_inference(long, fc1.requires_grad_(False), fc2.requires_grad_(False), gelu)  # nothing to record
+
+
+def test_model_inference_uses_the_chunked_feed_forward_with_equal_outputs(monkeypatch):
+    config = tiny_config(num_hidden_layers=2, max_position_embeddings=600)
+    model = DualRouteModel(config).eval()
+    input_ids = torch.randint(5, config.vocab_size, (2, 600))  # 1200 rows: two chunks
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=input_ids).last_hidden_state
+
+    calls = []
+    monkeypatch.setattr(
+        modeling, "feed_forward_inference", lambda *args: calls.append(1) or feed_forward_inference(*args)
+    )
+    chunked = forward()
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(modeling, "can_chunk_inference", lambda *args: False)
+    torch.testing.assert_close(chunked, forward())
+    assert len(calls) == 2
 
 
 def test_lora_on_the_feed_forward_trains_its_adapters():
