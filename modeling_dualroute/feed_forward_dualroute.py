@@ -127,20 +127,22 @@ def feed_forward_inference(
 def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:
     """Whether `feed_forward` may replace the plain calls ``fc2(activation(fc1(x)))``: autograd records this call
     through a plain block (`_plain_block`)."""
-    if not torch.is_grad_enabled() or not _plain_block(x, fc1, fc2, activation):
-        return False
-    return x.requires_grad or any(p.requires_grad for layer in (fc1, fc2) for p in layer.parameters())
+    return _records_autograd(x, fc1, fc2) and _plain_block(x, fc1, fc2, activation)
 
 
 def can_chunk_inference(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:
     """Whether `feed_forward_inference` may replace the plain calls: no autograd, more than `CHUNK_ROWS` rows on
     CPU (where the fresh intermediate tensors page-fault; GPUs are not measured), one dtype, a plain block."""
-    if x.device.type != "cpu" or x.numel() <= CHUNK_ROWS * x.shape[-1]:
+    if x.device.type != "cpu" or x.numel() <= CHUNK_ROWS * x.shape[-1] or _records_autograd(x, fc1, fc2):
         return False
-    if not _plain_block(x, fc1, fc2, activation) or not x.dtype == fc1.weight.dtype == fc2.weight.dtype:
+    return _plain_block(x, fc1, fc2, activation) and x.dtype == fc1.weight.dtype == fc2.weight.dtype
+
+
+def _records_autograd(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module) -> bool:
+    """Whether autograd records a call of the block on ``x``: enabled, and ``x`` or a parameter needs a gradient."""
+    if not torch.is_grad_enabled():
         return False
-    parameters = (p for layer in (fc1, fc2) for p in layer.parameters())
-    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in parameters))
+    return x.requires_grad or any(p.requires_grad for layer in (fc1, fc2) for p in layer.parameters())
 
 
 def _plain_block(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:

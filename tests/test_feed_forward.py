@@ -24,6 +24,17 @@ from modeling_dualroute.linear_dualroute import DualRouteLinear
 from helpers import tiny_config
 
 
+# the shapes, chunk sizes and activations both chunked paths are checked over
+BLOCK_CASES = dict(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 40),
+    chunk_rows=st.integers(1, 50),
+    activation=st.sampled_from(["gelu", "relu", "silu", "gelu_new", "quick_gelu"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+
+
 def make_block(hidden, intermediate, bias, dtype=torch.float64):
     fc1, fc2 = nn.Linear(hidden, intermediate, bias=bias), nn.Linear(intermediate, hidden, bias=bias)
     return fc1.to(dtype), fc2.to(dtype)
@@ -43,14 +54,7 @@ def plain_and_chunked(x, fc1, fc2, activation, chunk_rows, grad_out):
     return results
 
 
-@given(
-    batch=st.integers(1, 3),
-    seq=st.integers(1, 40),
-    chunk_rows=st.integers(1, 50),
-    activation=st.sampled_from(["gelu", "relu", "silu", "gelu_new", "quick_gelu"]),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**BLOCK_CASES)
 def test_chunked_feed_forward_equals_plain_forward_and_backward(batch, seq, chunk_rows, activation, bias, seed):
     torch.manual_seed(seed)
     fc1, fc2 = make_block(8, 24, bias)
@@ -148,14 +152,7 @@ def test_activation_dropout_takes_the_plain_path(monkeypatch):
     assert not called  # dropout between the two layers cannot be recomputed
 
 
-@given(
-    batch=st.integers(1, 3),
-    seq=st.integers(1, 40),
-    chunk_rows=st.integers(1, 50),
-    activation=st.sampled_from(["gelu", "relu", "silu", "gelu_new", "quick_gelu"]),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**BLOCK_CASES)
 def test_inference_feed_forward_equals_plain_calls(batch, seq, chunk_rows, activation, bias, seed):
     torch.manual_seed(seed)
     fc1, fc2 = make_block(8, 24, bias)
