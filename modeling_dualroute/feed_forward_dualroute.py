@@ -17,6 +17,12 @@ the whole input's ``h`` and ``act(h)`` would be two fresh tensors four times the
 tokens), which the C allocator maps afresh and page-faults in at every call; a chunk's are 8 MB, reused from the heap.
 Measured on the 2-core CPU, 1-layer forward, the two taking turns: 13% faster at 8k tokens and 22% at 16k.
 
+`post_attention_inference` goes further for an encoder layer: everything after its attention (residual add,
+LayerNorm, feed-forward block, residual add, LayerNorm) one chunk of rows at a time, so of the six hidden-wide tensors
+those steps would allocate (32 MB each at 16k tokens, each mapped afresh and faulted in) only the result is left
+(`can_run_post_attention_inference`). Measured the same way: 3-5% faster at 16k, the same at 4k and 8k (where tensors
+this size are reused from the heap).
+
 Anything else (adapters, hooks, autocast, ``torch.func`` transforms, activation dropout, mixed dtypes) takes the plain
 module calls, which compute the same values.
 """
@@ -116,12 +122,44 @@ def feed_forward_inference(
     out = rows.new_empty(rows.shape[0], fc2.weight.shape[0])
     for start in range(0, rows.shape[0], chunk_rows):
         chunk = slice(start, start + chunk_rows)
-        hidden = activation(torch.nn.functional.linear(rows[chunk], fc1.weight, fc1.bias))
-        if fc2.bias is None:
-            torch.mm(hidden, fc2.weight.T, out=out[chunk])
-        else:
-            torch.addmm(fc2.bias, hidden, fc2.weight.T, out=out[chunk])
+        _feed_forward_rows(rows[chunk], fc1, fc2, activation, out=out[chunk])
     return out.view(*x.shape[:-1], fc2.weight.shape[0])
+
+
+def post_attention_inference(
+    attention_output: torch.Tensor,
+    residual: torch.Tensor,
+    attention_norm: nn.LayerNorm,
+    fc1: nn.Linear,
+    fc2: nn.Linear,
+    activation: Callable,
+    final_norm: nn.LayerNorm,
+    chunk_rows: int = CHUNK_ROWS,
+) -> torch.Tensor:
+    """The rest of a post-LayerNorm layer after its attention, without autograd, ``chunk_rows`` rows at a time:
+    ``h = attention_norm(residual + attention_output)``, then ``final_norm(h + fc2(activation(fc1(h))))``."""
+    width = attention_output.shape[-1]
+    attended, skip = attention_output.reshape(-1, width), residual.reshape(-1, width)
+    out = torch.empty_like(attended)
+    for start in range(0, attended.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        normed = _layer_norm(skip[chunk] + attended[chunk], attention_norm)
+        block = _feed_forward_rows(normed, fc1, fc2, activation)
+        out[chunk] = _layer_norm(block.add_(normed), final_norm)
+    return out.view(attention_output.shape)
+
+
+def _feed_forward_rows(
+    rows: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, activation: Callable, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    hidden = activation(torch.nn.functional.linear(rows, fc1.weight, fc1.bias))
+    if fc2.bias is None:
+        return torch.mm(hidden, fc2.weight.T, out=out)
+    return torch.addmm(fc2.bias, hidden, fc2.weight.T, out=out)
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def can_chunk(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Callable) -> bool:
@@ -136,6 +174,31 @@ def can_chunk_inference(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activat
     if x.device.type != "cpu" or x.numel() <= CHUNK_ROWS * x.shape[-1] or _records_autograd(x, fc1, fc2):
         return False
     return _plain_block(x, fc1, fc2, activation) and x.dtype == fc1.weight.dtype == fc2.weight.dtype
+
+
+def can_run_post_attention_inference(
+    attention_output: torch.Tensor,
+    residual: torch.Tensor,
+    attention_norm: nn.Module,
+    feed_forward: nn.Module,
+    final_norm: nn.Module,
+) -> bool:
+    """Whether `post_attention_inference` may replace the module calls of a layer's post-attention steps: the
+    feed-forward block could run `feed_forward_inference` (`can_chunk_inference`), the residual matches, the norms
+    are plain ``nn.LayerNorm`` in the same dtype recording no autograd, and no module whose call it skips (the norms,
+    the feed-forward module) has a hook or a wrapped ``forward``. Dropout is the caller's to rule out."""
+    fc1, fc2, activation = feed_forward.fc1, feed_forward.fc2, feed_forward.activation
+    if not can_chunk_inference(attention_output, fc1, fc2, activation):
+        return False
+    if residual.shape != attention_output.shape or residual.dtype != attention_output.dtype:
+        return False
+    norms = (attention_norm, final_norm)
+    if any(type(norm) is not nn.LayerNorm for norm in norms) or not all(map(_unhooked, (*norms, feed_forward))):
+        return False
+    parameters = [p for norm in norms for p in norm.parameters()]
+    if any(p.dtype != attention_output.dtype or p.device != attention_output.device for p in parameters):
+        return False
+    return not (torch.is_grad_enabled() and (residual.requires_grad or any(p.requires_grad for p in parameters)))
 
 
 def _records_autograd(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module) -> bool:
@@ -153,7 +216,7 @@ def _plain_block(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: Ca
     if autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return False
     modules = (fc1, fc2, activation) if isinstance(activation, nn.Module) else (fc1, fc2)
-    if _global_hooks() or any("forward" in m.__dict__ or any(getattr(m, h) for h in _MODULE_HOOKS) for m in modules):
+    if _global_hooks() or not all(map(_unhooked, modules)):
         return False
     for layer in (fc1, fc2):
         if type(layer) not in (nn.Linear, DualRouteLinear) or not plain_weight_on(layer, x.device):
@@ -170,6 +233,11 @@ def autocast_enabled(device_type: str) -> bool:
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No hook registered on ``module`` and its own class's ``forward`` (not one patched onto the instance)."""
+    return "forward" not in module.__dict__ and not any(getattr(module, hook) for hook in _MODULE_HOOKS)
+
+
 def _global_hooks() -> bool:
     return any(getattr(nn.modules.module, f"_global{name}") for name in _MODULE_HOOKS)
 
@@ -184,6 +252,8 @@ __all__ = [
     "autocast_enabled",
     "can_chunk",
     "can_chunk_inference",
+    "can_run_post_attention_inference",
     "feed_forward",
     "feed_forward_inference",
+    "post_attention_inference",
 ]

@@ -39,8 +39,10 @@ from .feed_forward_dualroute import (
     autocast_enabled,
     can_chunk,
     can_chunk_inference,
+    can_run_post_attention_inference,
     feed_forward,
     feed_forward_inference,
+    post_attention_inference,
 )
 from .linear_dualroute import DualRouteLinear
 from .pipeline_dualroute import custom_pipeline_entry  # imported so that checkpoints carry the seq2seq pipeline
@@ -470,11 +472,21 @@ class DualRouteEncoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _, _ = self.self_attn(hidden_states, attention_mask, position_embeddings, **kwargs)
+        if self._can_run_post_attention_inference(hidden_states, residual):  # same values, fewer page faults
+            norms_and_block = (self.self_attn_layer_norm, self.mlp.fc1, self.mlp.fc2, self.mlp.activation)
+            return post_attention_inference(hidden_states, residual, *norms_and_block, self.final_layer_norm)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
         residual = hidden_states
         hidden_states = nn.functional.dropout(self.mlp(hidden_states), p=self.dropout, training=self.training)
         return self.final_layer_norm(residual + hidden_states)
+
+    def _can_run_post_attention_inference(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
+        dropout = self.training and (self.dropout or self.mlp.activation_dropout)
+        if dropout or type(self.mlp) is not DualRouteFeedForward:
+            return False
+        skipped = (self.self_attn_layer_norm, self.mlp, self.final_layer_norm)
+        return can_run_post_attention_inference(attention_output, residual, *skipped)
 
 
 class DualRouteDecoderLayer(GradientCheckpointingLayer):

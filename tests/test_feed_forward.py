@@ -1,4 +1,5 @@
-"""The chunked feed-forward block (activation recomputed in the backward pass) against the plain module calls."""
+"""The chunked feed-forward block (activation recomputed in the backward pass) and the chunked inference paths (the
+block alone; an encoder layer's post-attention steps) against the plain module calls."""
 
 import copy
 
@@ -9,19 +10,21 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.activations import ACT2FN
 
-from modeling_dualroute import DualRouteModel
+from modeling_dualroute import DualRouteForConditionalGeneration, DualRouteModel
 from modeling_dualroute import modeling_dualroute as modeling
 from modeling_dualroute.feed_forward_dualroute import (
     CHUNK_ROWS,
     _ChunkedFeedForward,
     can_chunk,
     can_chunk_inference,
+    can_run_post_attention_inference,
     feed_forward,
     feed_forward_inference,
+    post_attention_inference,
 )
 from modeling_dualroute.linear_dualroute import DualRouteLinear
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_seq2seq_config
 
 
 # the shapes, chunk sizes and activations both chunked paths are checked over
@@ -183,24 +186,93 @@ def test_inference_chunks_only_long_plain_inputs_without_autograd():
     assert can_chunk_inference(long, fc1.requires_grad_(False), fc2.requires_grad_(False), gelu)  # nothing to record
 
 
-def test_model_inference_uses_the_chunked_feed_forward_with_equal_outputs(monkeypatch):
-    config = tiny_config(num_hidden_layers=2, max_position_embeddings=600)
-    model = DualRouteModel(config).eval()
-    input_ids = torch.randint(5, config.vocab_size, (2, 600))  # 1200 rows: two chunks
+def make_norm(width, affine, bias, dtype=torch.float64):
+    norm = nn.LayerNorm(width, eps=1e-5, elementwise_affine=affine, bias=bias).to(dtype)
+    for p in norm.parameters():
+        nn.init.normal_(p)  # not the identity: a swapped or skipped norm shows
+    return norm
+
+
+@given(**BLOCK_CASES, affine=st.booleans(), norm_bias=st.booleans())
+def test_post_attention_inference_equals_the_module_calls(
+    batch, seq, chunk_rows, activation, bias, seed, affine, norm_bias
+):
+    torch.manual_seed(seed)
+    fc1, fc2 = make_block(8, 24, bias)
+    attention_norm, final_norm = make_norm(8, affine, norm_bias), make_norm(8, affine, norm_bias)
+    attended, residual = torch.randn(2, batch, seq, 8, dtype=torch.float64)
+    act = ACT2FN[activation]
+    with torch.no_grad():
+        normed = attention_norm(residual + attended)
+        expected = final_norm(normed + fc2(act(fc1(normed))))
+        out = post_attention_inference(attended, residual, attention_norm, fc1, fc2, act, final_norm, chunk_rows)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+
+
+def test_post_attention_inference_only_where_it_skips_nothing():
+    config = tiny_config(num_hidden_layers=1)
+    ffn = modeling.DualRouteFeedForward(config, config.intermediate_size).requires_grad_(False)
+    attention_norm, final_norm = (nn.LayerNorm(config.hidden_size).requires_grad_(False) for _ in range(2))
+    attended, residual = torch.randn(2, 2, CHUNK_ROWS // 2 + 1, config.hidden_size)
+    with torch.no_grad():
+        assert can_run_post_attention_inference(attended, residual, attention_norm, ffn, final_norm)
+        assert not can_run_post_attention_inference(
+            attended[:, :-1], residual[:, :-1], attention_norm, ffn, final_norm
+        )
+        assert not can_run_post_attention_inference(attended, residual[:1], attention_norm, ffn, final_norm)
+        assert not can_run_post_attention_inference(attended, residual.double(), attention_norm, ffn, final_norm)
+        rms = nn.RMSNorm(config.hidden_size)  # another norm: its own module call
+        assert not can_run_post_attention_inference(attended, residual, rms, ffn, final_norm)
+        half_norm = copy.deepcopy(final_norm).to(torch.bfloat16)
+        assert not can_run_post_attention_inference(attended, residual, attention_norm, ffn, half_norm)
+        for module in (attention_norm, ffn, final_norm, ffn.fc1):  # the calls it skips must not be watched
+            handle = module.register_forward_hook(lambda *args: None)
+            assert not can_run_post_attention_inference(attended, residual, attention_norm, ffn, final_norm)
+            handle.remove()
+    assert can_run_post_attention_inference(attended, residual, attention_norm, ffn, final_norm)  # nothing to record
+    attention_norm.requires_grad_(True)
+    assert not can_run_post_attention_inference(attended, residual, attention_norm, ffn, final_norm)
+    assert not can_run_post_attention_inference(attended, residual.requires_grad_(), final_norm, ffn, final_norm)
+
+
+def test_model_inference_uses_the_chunked_paths_with_equal_outputs(monkeypatch):
+    """Without autograd, an encoder layer runs its post-attention steps in chunks and a decoder layer (whose
+    cross-attention comes between) its feed-forward block; the outputs equal those of the module calls."""
+    config = tiny_seq2seq_config(max_position_embeddings=600)
+    model = DualRouteForConditionalGeneration(config).eval()
+    ids = torch.randint(5, config.vocab_size, (2, 600))  # 1200 rows: two chunks
 
     def forward():
         with torch.no_grad():
-            return model(input_ids=input_ids).last_hidden_state
+            return model(input_ids=ids, decoder_input_ids=ids).logits
 
     calls = []
-    monkeypatch.setattr(
-        modeling, "feed_forward_inference", lambda *args: calls.append(1) or feed_forward_inference(*args)
-    )
+    for name, real in (("post_attention_inference", post_attention_inference), ("feed_forward_inference", None)):
+        real = real or feed_forward_inference
+        monkeypatch.setattr(modeling, name, lambda *args, name=name, real=real: calls.append(name) or real(*args))
     chunked = forward()
-    assert len(calls) == 2  # one per layer
+    layers = config.num_hidden_layers, config.decoder_layers
+    assert (calls.count("post_attention_inference"), calls.count("feed_forward_inference")) == layers
+    monkeypatch.setattr(modeling, "can_run_post_attention_inference", lambda *args: False)
     monkeypatch.setattr(modeling, "can_chunk_inference", lambda *args: False)
     torch.testing.assert_close(chunked, forward())
-    assert len(calls) == 2
+    assert len(calls) == sum(layers)
+
+
+@pytest.mark.parametrize("dropout", ["hidden_dropout_prob", "activation_dropout"])
+def test_dropout_between_the_post_attention_steps_takes_the_module_calls(monkeypatch, dropout):
+    config = tiny_config(num_hidden_layers=1, max_position_embeddings=600, **{dropout: 0.1})
+    model = DualRouteModel(config)
+    calls = []
+    monkeypatch.setattr(
+        modeling, "post_attention_inference", lambda *args: calls.append(1) or post_attention_inference(*args)
+    )
+    with torch.no_grad():
+        model.train()(input_ids=torch.randint(5, config.vocab_size, (2, 600)))
+        assert not calls
+        model.eval()(input_ids=torch.randint(5, config.vocab_size, (2, 600)))
+        assert calls  # evaluation: no dropout
 
 
 def test_lora_on_the_feed_forward_trains_its_adapters():
