@@ -473,8 +473,16 @@ class DualRouteEncoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states, _, _ = self.self_attn(hidden_states, attention_mask, position_embeddings, **kwargs)
         if self._can_run_post_attention_inference(hidden_states, residual):  # same values, fewer page faults
-            norms_and_block = (self.self_attn_layer_norm, self.mlp.fc1, self.mlp.fc2, self.mlp.activation)
-            return post_attention_inference(hidden_states, residual, *norms_and_block, self.final_layer_norm)
+            mlp = self.mlp
+            return post_attention_inference(
+                hidden_states,
+                residual,
+                self.self_attn_layer_norm,
+                mlp.fc1,
+                mlp.fc2,
+                mlp.activation,
+                self.final_layer_norm,
+            )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
         residual = hidden_states
