@@ -200,6 +200,53 @@ class _Layout:
         x = x.view(self.batch, self.kv_heads, self.n_key_blocks * self.block_size, self.dim)
         return x[:, :, : self.k_len]
 
+    # -- the output, token-major ---------------------------------------------------------------------------------------
+    # The output is written token-major, ``(b, padded lq, hq, d)``: the model's next step (heads merged, the output
+    # projection) reads it as is, without a copy, and in training the projection saves the very tensor the backward
+    # pass needs here. A chunk of flat tiles is then a strided view per (batch, kv head) of it, not one view.
+
+    def empty_token_major(self) -> torch.Tensor:
+        """An uninitialised output ``(b, hq, padded lq, d)`` in the compute dtype, stored token-major."""
+        shape = (self.batch, self.n_tiles * self.tile_size, self.q_heads, self.dim)
+        return torch.empty(shape, dtype=self.compute_dtype, device=self.flat_blocks.device).transpose(1, 2)
+
+    def head_runs(self, chunk: slice):
+        """The chunk's tiles split where the (batch, kv head) changes: ``(batch, kv head, first tile, end tile,
+        position of the first tile in the chunk)``, tiles counted within the head."""
+        start = chunk.start
+        while start < chunk.stop:
+            head, first = divmod(start, self.n_tiles)
+            stop = min(chunk.stop, (head + 1) * self.n_tiles)
+            yield (*divmod(head, self.kv_heads), first, first + stop - start, start - chunk.start)
+            start = stop
+
+    def _tiles_of(self, x: torch.Tensor, batch: int, kv_head: int, first: int, end: int) -> torch.Tensor:
+        """Tiles ``first:end`` of one (batch, kv head) of ``x (b, hq, padded lq, d)``, any strides, as a
+        ``(tiles, group, tile_size, d)`` view (a tile's rows are (group head, position) pairs, as in `to_tiles`)."""
+        heads = slice(kv_head * self.group, (kv_head + 1) * self.group)
+        rows = x[batch, heads, first * self.tile_size : end * self.tile_size]
+        return rows.unflatten(1, (end - first, self.tile_size)).transpose(0, 1)
+
+    def write_chunk(self, chunk: slice, tiles: torch.Tensor, x: torch.Tensor) -> None:
+        """Copies the chunk's ``tiles (chunk tiles, rows, d)`` into their places in ``x (b, hq, padded lq, d)``."""
+        for batch, kv_head, first, end, at in self.head_runs(chunk):
+            part = tiles[at : at + end - first].reshape(end - first, self.group, self.tile_size, self.dim)
+            self._tiles_of(x, batch, kv_head, first, end).copy_(part)
+
+    def read_chunk(self, chunk: slice, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The chunk's tiles of ``x (b, hq, padded lq, d)``, any strides, as ``(chunk tiles, rows, d)`` in the
+        workspace ``out`` (in the compute dtype)."""
+        tiles = workspace_view(out, chunk.stop - chunk.start, self.rows, self.dim)
+        for batch, kv_head, first, end, at in self.head_runs(chunk):
+            part = tiles[at : at + end - first].view(end - first, self.group, self.tile_size, self.dim)
+            part.copy_(self._tiles_of(x, batch, kv_head, first, end))
+        return tiles
+
+    def pad_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (b, hq, lq, d)`` padded with zero rows to whole tiles (itself when nothing is missing)."""
+        pad = self.n_tiles * self.tile_size - self.q_len
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
     # -- per chunk ----------------------------------------------------------------------------------------------------
 
     def chunks(self):
@@ -270,6 +317,8 @@ class _Layout:
         sizes = {
             "keys": self.tiles_per_chunk * self.keys_per_tile * self.dim,
             "values": self.tiles_per_chunk * self.keys_per_tile * self.dim,
+            "out": self.tiles_per_chunk * self.rows * self.dim,
+            "grad_out": self.tiles_per_chunk * self.rows * self.dim,
             "scores": self.tiles_per_chunk * self.rows * self.keys_per_tile,
             "grad_probs": self.tiles_per_chunk * self.rows * self.keys_per_tile,
             "bias": self.tiles_per_chunk * self.rows * self.keys_per_tile,
@@ -296,7 +345,7 @@ class _GatherAttention(torch.autograd.Function):
         q = layout.to_tiles(query)
         k = layout.to_blocks(key)
         v = layout.to_blocks(value)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = layout.empty_token_major()
         lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
         if dropout:
             _forward_with_dropout(q, k, v, layout, scale, dropout, seed, out, lse)
@@ -309,34 +358,36 @@ class _GatherAttention(torch.autograd.Function):
                     q[chunk].unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1),
                     attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
                 )  # fmt: skip
-                out[chunk].copy_(chunk_out.squeeze(1))
+                layout.write_chunk(chunk, chunk_out.squeeze(1), out)
                 lse[chunk].copy_(chunk_lse.squeeze(1))
         # q, k, v are saved in the kernel's layout (copies of the inputs, which are then free): the backward pass
-        # does not copy them again
+        # does not copy them again; the output is saved as returned (token-major, see `empty_token_major`)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.dropout, ctx.seed = layout, scale, dropout, seed
         ctx.input_dtypes = (query.dtype, key.dtype, value.dtype)
-        return layout.from_tiles(out).to(query.dtype)
+        return out[:, :, : layout.q_len].to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         layout, scale, dropout, seed = ctx.layout, ctx.scale, ctx.dropout, ctx.seed
-        grad_o = layout.to_tiles(grad_out.contiguous())
+        grad_out = layout.pad_queries(grad_out)  # read chunk by chunk in whatever layout it comes
         # Gradients are written into three N x d buffers and returned as views of them: peak memory stays at what dense
         # SDPA's backward needs (its three gradients) plus one chunk's workspace.
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
         if dropout:
-            _backward_with_dropout(q, k, v, out, lse, grad_o, layout, scale, dropout, seed, grad_q, grad_k, grad_v)
+            _backward_with_dropout(q, k, v, out, lse, grad_out, layout, scale, dropout, seed, grad_q, grad_k, grad_v)
         else:
-            work = layout.workspace("keys", "values", "bias")
+            work = layout.workspace("keys", "values", "bias", "out", "grad_out")
             for chunk in layout.chunks():
                 index = layout.block_index(chunk)
                 keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
+                chunk_out = layout.read_chunk(chunk, out, work["out"])
+                chunk_grad_out = layout.read_chunk(chunk, grad_out, work["grad_out"])
                 chunk_grad_q, grad_keys, grad_values = _flash_backward(
-                    grad_o[chunk][:, None], q[chunk][:, None], keys[:, None], values[:, None], out[chunk][:, None],
+                    chunk_grad_out[:, None], q[chunk][:, None], keys[:, None], values[:, None], chunk_out[:, None],
                     lse[chunk][:, None], 0.0, False, attn_mask=layout.additive_mask(chunk, work["bias"]), scale=scale,
                 )  # fmt: skip
                 grad_q[chunk] = chunk_grad_q[:, 0]
@@ -356,8 +407,8 @@ def _add_to_blocks(layout: _Layout, index: torch.Tensor, grad_k, grad_keys, grad
 
 def _forward_with_dropout(q, k, v, layout: _Layout, scale: float, dropout: float, seed: int, out, lse) -> None:
     """Forward with attention dropout: masked softmax and batched matmuls per chunk (the flash kernel has no dropout);
-    fills ``out`` and ``lse`` (``inf`` for a row with no visible key)."""
-    work = layout.workspace("keys", "values", "scores")
+    fills ``out`` (token-major) and ``lse`` (``inf`` for a row with no visible key)."""
+    work = layout.workspace("keys", "values", "scores", "out")
     for number, chunk in enumerate(layout.chunks()):
         index = layout.block_index(chunk)
         keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
@@ -367,25 +418,29 @@ def _forward_with_dropout(q, k, v, layout: _Layout, scale: float, dropout: float
         row_sum = probs.sum(-1, keepdim=True)
         probs.mul_(_dropout_keep(probs.shape, dropout, seed, number, probs.device)).mul_(1.0 / (1.0 - dropout))
         empty = row_sum == 0
-        torch.bmm(probs, values, out=out[chunk]).div_(row_sum.masked_fill_(empty, 1.0))
+        chunk_out = workspace_view(work["out"], probs.shape[0], layout.rows, layout.dim)
+        torch.bmm(probs, values, out=chunk_out).div_(row_sum.masked_fill_(empty, 1.0))
+        layout.write_chunk(chunk, chunk_out, out)
         lse[chunk] = (row_max + row_sum.log()).masked_fill_(empty, float("inf")).squeeze(-1)
 
 
-def _backward_with_dropout(q, k, v, out, lse, grad_o, layout: _Layout, scale, dropout, seed, grad_q, grad_k, grad_v):
+def _backward_with_dropout(q, k, v, out, lse, grad_out, layout: _Layout, scale, dropout, seed, grad_q, grad_k, grad_v):
     """Backward of `_forward_with_dropout`: recomputes each chunk's probabilities from the saved log-sum-exp and
     regenerates its dropout mask from (seed, chunk)."""
-    work = layout.workspace("keys", "values", "scores", "grad_probs")
+    work = layout.workspace("keys", "values", "scores", "grad_probs", "out", "grad_out")
     for number, chunk in enumerate(layout.chunks()):
         index = layout.block_index(chunk)
         keys, values = layout.gather(k, index, work["keys"]), layout.gather(v, index, work["values"])
+        chunk_out = layout.read_chunk(chunk, out, work["out"])
+        grad_o = layout.read_chunk(chunk, grad_out, work["grad_out"])
         probs = layout.scores(q, keys, chunk, scale, work["scores"])
         probs.sub_(lse[chunk][:, :, None]).exp_()  # exact probabilities, from the saved log-sum-exp
         grad_probs = workspace_view(work["grad_probs"], *probs.shape)
-        torch.bmm(grad_o[chunk], values.transpose(1, 2), out=grad_probs)
+        torch.bmm(grad_o, values.transpose(1, 2), out=grad_probs)
         keep = _dropout_keep(probs.shape, dropout, seed, number, probs.device).to(probs.dtype) / (1.0 - dropout)
-        grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o[chunk])
+        grad_values = torch.bmm((probs * keep).transpose(1, 2), grad_o)
         grad_probs.mul_(keep)
-        delta = (grad_o[chunk] * out[chunk]).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
+        delta = (grad_o * chunk_out).sum(-1, keepdim=True)  # rowsum(dO * O): softmax backward's correction
         grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(scale)  # d(loss)/d(raw scores q.k)
         torch.bmm(grad_scores, keys, out=grad_q[chunk])
         grad_keys = torch.bmm(grad_scores.transpose(1, 2), q[chunk])

@@ -116,7 +116,8 @@ def test_gather_inference_matches_reference(p):
 
 
 @pytest.mark.parametrize("kind", ["bidirectional", "causal"])
-def test_gather_is_chunked(monkeypatch, kind):
+@pytest.mark.parametrize("score_elements", [1, 288])  # 288: 3 of the 13 tiles per chunk, chunks spanning two heads
+def test_gather_is_chunked(monkeypatch, kind, score_elements):
     """Many small chunks give the same result as one chunk (per-tile and per-piece kernels)."""
     import modeling_dualroute.gather_dualroute as gather
     import modeling_dualroute.token_gather_dualroute as token_gather
@@ -127,9 +128,22 @@ def test_gather_is_chunked(monkeypatch, kind):
     )  # fmt: skip
     query, key, value, options = make_inputs(p, requires_grad=True)
     whole = output_and_grads(query, key, value, options, "gather")
-    monkeypatch.setattr(gather, "SCORE_ELEMENTS_PER_CHUNK", 1)
-    monkeypatch.setattr(token_gather, "SCORE_ELEMENTS_PER_CHUNK", 1)
+    monkeypatch.setattr(gather, "SCORE_ELEMENTS_PER_CHUNK", score_elements)
+    monkeypatch.setattr(token_gather, "SCORE_ELEMENTS_PER_CHUNK", score_elements)
     assert_close_all(output_and_grads(query, key, value, options, "gather"), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_gather_output_is_token_major(requires_grad):
+    """The tile kernel writes its output as ``(b, lq, hq, d)`` in memory, what the output projection reads: merging the
+    heads is then a view, not a copy of the output (and in training not a second saved copy)."""
+    p = dict(
+        kind="bidirectional", batch=2, kv_heads=2, q_heads=4, q_len=48, k_len=48, dim=8, block_size=4, top_k=3,
+        global_blocks=1, padding="none", seed=5,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=requires_grad)
+    output = routed_attention(query, key, value, backend="gather", **options)
+    assert output.shape == query.shape and output.transpose(1, 2).is_contiguous()
 
 
 def _count_row_max_passes(monkeypatch):
