@@ -62,7 +62,7 @@ def build_model(layers: int | None = None) -> DualRouteForConditionalGeneration:
     config = DualRouteConfig.from_json_file(PRESET)
     if layers is not None:
         config = DualRouteConfig.from_dict({**config.to_dict(), "num_hidden_layers": layers, "decoder_layers": layers,
-                                            "layer_types": None, "decoder_layer_types": None})  # fmt: skip
+                                            "route_layer_types": None, "decoder_layer_types": None})  # fmt: skip
     torch.manual_seed(0)
     return DualRouteForConditionalGeneration(config).eval()
 

@@ -75,7 +75,7 @@ def fill_model_card(
     architecture = (config.get("architectures") or ["DualRouteModel"])[0]
     pipeline_tag, auto_class = TASKS.get(architecture, TASKS["DualRouteModel"])
     model_id = model_id or folder.name
-    layer_types = config.get("layer_types") or []
+    layer_types = config.get("route_layer_types") or config.get("layer_types") or []  # the older name too
     card_data = ModelCardData(
         language=language,
         license=license,

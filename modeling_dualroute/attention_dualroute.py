@@ -140,6 +140,7 @@ def choose_backend(
     backend: str,
     *,
     device: torch.device,
+    dtype: torch.dtype,
     q_len: int,
     k_len: int,
     n_key_blocks: int,
@@ -160,7 +161,7 @@ def choose_backend(
     if (
         device.type == "cuda"
         and not dropout
-        and check_flex_available(device, requires_grad=requires_grad, raise_error=False)
+        and check_flex_available(device, dtype=dtype, requires_grad=requires_grad, raise_error=False)
     ):
         return "flex"
     return "gather"
@@ -279,6 +280,7 @@ def routed_attention_with_plan(
     chosen = choose_backend(
         backend,
         device=query.device,
+        dtype=query.dtype,
         q_len=q_len,
         k_len=k_len,
         n_key_blocks=n_key_blocks,
@@ -288,7 +290,7 @@ def routed_attention_with_plan(
         requires_grad=requires_grad,
     )
     if chosen == "flex":  # fail before routing if flex cannot run here
-        check_flex_available(query.device, requires_grad=requires_grad, raise_error=True)
+        check_flex_available(query.device, dtype=query.dtype, requires_grad=requires_grad, raise_error=True)
         if dropout:
             raise ValueError(
                 "the `flex` backend does not support attention dropout; use backend='gather' or dropout=0."
@@ -441,7 +443,8 @@ def dualroute_attention_forward(
     top_k = getattr(config, "route_topk", 8)
     if not routed:  # a dense layer: every block, which `auto` runs as plain dense attention
         top_k = max(num_blocks(key.shape[2], block_size), global_blocks + 1)
-    need_weights = bool(kwargs.get("output_attentions", False))
+    # asked for at call time, or else by the config (what transformers' output capturing collects)
+    need_weights = bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
     router_info = kwargs.get("router_info")
     output, info = routed_attention_with_plan(
         query,

@@ -18,6 +18,7 @@ ROUTED_ATTENTION = (
 FULL_ATTENTION = "full_attention"  # a layer that stays dense
 LAYER_TYPES = (ROUTED_ATTENTION, FULL_ATTENTION)
 ROUTE_BACKENDS = ("auto", "reference", "gather", "flex")
+SAVED_LAYER_TYPES = "route_layer_types"  # the name of `layer_types` in config.json and to_dict()
 
 # transformers checks `layer_types` against this tuple, also where generic code builds a plain PreTrainedConfig from our
 # config.json (Trainer's resume_from_checkpoint does). Register the routed layer type there, the way
@@ -45,7 +46,8 @@ class DualRouteConfig(PreTrainedConfig):
             content: in the retrieval benchmark, routing on rotated keys found a planted fact 77/49/24% of the time
             at 1k/2k/4k tokens, routing before the rotation 99/100/99%. No effect with absolute positions.
         layer_types (`list[str]`, *optional*): per encoder layer, `"dualroute_attention"` (routed) or
-            `"full_attention"` (dense). Defaults to every layer routed.
+            `"full_attention"` (dense). Defaults to every layer routed. Saved in config.json as `route_layer_types`
+            (see `to_dict`); files with `layer_types` load too.
         position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned, as in BERT, RoBERTa, BART;
             checkpoints convert exactly) or `"rope"` (rotary, for models trained from scratch).
         position_offset (`int`, defaults to 0): added to positions before the learned lookup (RoBERTa: `pad_token_id
@@ -118,6 +120,14 @@ class DualRouteConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        saved_layer_types = kwargs.pop(SAVED_LAYER_TYPES, None)  # config.json's name for `layer_types` (see to_dict)
+        if saved_layer_types is not None:
+            if self.layer_types is not None and list(self.layer_types) != list(saved_layer_types):
+                raise ValueError(
+                    f"`layer_types`={self.layer_types} and `{SAVED_LAYER_TYPES}`={saved_layer_types} disagree: they "
+                    "are the same field (the second is its name in config.json); pass one."
+                )
+            self.layer_types = list(saved_layer_types)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.layer_types is None:
@@ -230,6 +240,11 @@ class DualRouteConfig(PreTrainedConfig):
             self.position_embedding_type in ("absolute", "rope"),
             f"`position_embedding_type` must be 'absolute' or 'rope', got {self.position_embedding_type!r}.",
         )
+        problem_types = ("regression", "single_label_classification", "multi_label_classification")
+        need(
+            self.problem_type is None or self.problem_type in problem_types,
+            f"`problem_type` must be one of {problem_types} (or None: inferred from the labels), got {self.problem_type!r}.",
+        )
         need(
             self.classifier_pooling in ("cls", "mean"),
             f"`classifier_pooling` must be 'cls' or 'mean', got {self.classifier_pooling!r}.",
@@ -290,12 +305,38 @@ class DualRouteConfig(PreTrainedConfig):
         if labels < 1:
             raise ValueError(f"`num_labels` must be >= 1, got {labels}.")
 
+    @property
+    def output_attentions(self) -> bool:
+        """Whether the model returns its attention maps (with `dualroute`, the routed ones, from the reference
+        backend)."""
+        return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool):
+        # The base setter switches a config without an attention implementation yet to `eager` (as in
+        # `from_pretrained(..., output_attentions=True)`), which would run this model densely; it stays routed here.
+        if value and self._attn_implementation not in ("eager", "dualroute", None):
+            raise ValueError(
+                f"`output_attentions` needs attn_implementation 'eager' or 'dualroute', got {self._attn_implementation!r}."
+            )
+        self._output_attentions = value
+
     def validate_output_attentions(self):
         """`output_attentions` works with `dualroute` (reference backend) as well as with `eager`."""
         if self.output_attentions and self._attn_implementation not in ("eager", "dualroute", None):
             raise ValueError(
                 f"`output_attentions` needs attn_implementation 'eager' or 'dualroute', got {self._attn_implementation!r}."
             )
+
+    def to_dict(self) -> dict:
+        """As the base class, with `layer_types` stored as `route_layer_types`. Code that reads config.json without
+        this package (transformers' fallback to a plain `PreTrainedConfig`, e.g. `AutoTokenizer.from_pretrained`
+        without ``trust_remote_code``) checks `layer_types` against the layer types it knows, which
+        `dualroute_attention` is not; under another name the file loads there too."""
+        output = super().to_dict()
+        if "layer_types" in output:
+            output[SAVED_LAYER_TYPES] = output.pop("layer_types")
+        return output
 
     @property
     def routed_layers(self) -> list[bool]:

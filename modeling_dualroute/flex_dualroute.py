@@ -29,13 +29,21 @@ def _flex_module():
     return flex_module
 
 
-def check_flex_available(device: torch.device, *, requires_grad: bool, raise_error: bool) -> bool:
+FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernel takes (inductor's templates)
+
+
+def check_flex_available(device: torch.device, *, dtype: torch.dtype, requires_grad: bool, raise_error: bool) -> bool:
     """Whether the `flex` backend can run here; with ``raise_error``, raises a `RuntimeError` saying why not."""
     reason = None
     if _flex_module() is None:
         reason = f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
     elif device.type not in ("cuda", "cpu", "xpu"):
         reason = f"FlexAttention does not run on device type {device.type!r}"
+    elif dtype not in FLEX_DTYPES:
+        reason = (
+            f"its compiled kernel takes float32, float16 or bfloat16 inputs, got {dtype}; use backend='gather' "
+            "(any floating dtype)"
+        )
     elif device.type == "cpu" and requires_grad:
         reason = (
             f"FlexAttention has no backward pass on CPU (torch {torch.__version__}); "
@@ -88,10 +96,13 @@ def flex_attention_from_plan(
         kv_tile = block_size // 2
         kv_blocks = _split_blocks(kv_blocks, 2, num_blocks(k_len, kv_tile))
     n_kv_tiles = num_blocks(k_len, kv_tile)
-    counts = (kv_blocks >= 0).sum(-1).to(torch.int32)
-    # kv_indices lists every key tile per row: the selected ones first, the rest is ignored padding.
+    # kv_indices lists every key tile per row: the selected ones first, the rest is ignored padding. A plan can have
+    # more slots than there are key tiles (top_k above the block count of a short input; tiles split in two past the
+    # ragged end), but the selected ones are distinct key tiles: sorted first, they fit in n_kv_tiles columns.
+    listed = torch.where(kv_blocks < 0, n_kv_tiles, kv_blocks).sort(dim=-1).values[..., :n_kv_tiles]
+    counts = (listed < n_kv_tiles).sum(-1).to(torch.int32)
     indices = torch.zeros(*kv_blocks.shape[:3], n_kv_tiles, dtype=torch.int32, device=query.device)
-    indices[..., : kv_blocks.shape[-1]] = kv_blocks.clamp(min=0).to(torch.int32)
+    indices[..., : listed.shape[-1]] = torch.where(listed < n_kv_tiles, listed, 0).to(torch.int32)
 
     # Every listed block goes in the partial set, checked by mask_mod: inductor's CPU template fails to compile a
     # BlockMask with full blocks in torch 2.13, and one code path keeps CPU and GPU results identical.

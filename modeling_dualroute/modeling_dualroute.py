@@ -648,6 +648,12 @@ def check_inputs(input_ids, inputs_embeds, attention_mask, prefix: str = "") -> 
     ids, embeds = f"{prefix}input_ids", f"{prefix}inputs_embeds"
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"pass exactly one of `{ids}` (batch, seq) or `{embeds}` (batch, seq, width).")
+    for name, value in ((ids, input_ids), (embeds, inputs_embeds), ("attention_mask", attention_mask)):
+        if value is not None and not isinstance(value, torch.Tensor):  # a list or an array (tokenizer without "pt")
+            raise TypeError(
+                f"`{name}` must be a torch.Tensor, got {type(value).__name__}; tokenize with return_tensors='pt' or "
+                "wrap it in torch.tensor(...)."
+            )
     if input_ids is not None and input_ids.ndim != 2:
         raise ValueError(f"`{ids}` must have shape (batch, seq), got {tuple(input_ids.shape)}.")
     if inputs_embeds is not None and inputs_embeds.ndim != 3:

@@ -29,6 +29,15 @@ class DualRouteText2TextPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
 
+    def __call__(self, inputs, **kwargs):
+        """One text: a list of ``{"generated_text": ...}``, one per returned sequence. A list of texts: one dict per
+        text when each has one sequence (as in transformers 4's text2text pipeline), otherwise a list per text."""
+        result = super().__call__(inputs, **kwargs)
+        if isinstance(inputs, list) and all(isinstance(text, str) for text in inputs):
+            if all(len(sequences) == 1 for sequences in result):
+                return [sequences[0] for sequences in result]
+        return result
+
     def _sanitize_parameters(self, truncation=None, max_input_length=None, **generate_kwargs):
         preprocess = {}
         if truncation is not None:

@@ -593,7 +593,9 @@ def test_gather_dropout_backward_matches_its_forward_mask():
 
 
 def test_auto_choice_depends_only_on_shapes_and_options():
-    common = dict(device=torch.device("cpu"), dropout=0.0, need_weights=False, requires_grad=False)
+    common = dict(
+        device=torch.device("cpu"), dtype=torch.float32, dropout=0.0, need_weights=False, requires_grad=False
+    )
     assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=256, **common) == "dense"
     assert choose_backend("auto", q_len=256, k_len=256, n_key_blocks=4, top_k=2, **common) == "dense_routed"
     assert choose_backend("auto", q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, **common) == "gather"
@@ -666,7 +668,17 @@ def test_flex_on_cpu_with_gradients_raises_instead_of_falling_back():
     q = torch.randn(1, 2, 8, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="FlexAttention has no backward pass on CPU"):
         routed_attention(q, q, q, block_size=4, top_k=2, backend="flex")
-    assert not check_flex_available(torch.device("cpu"), requires_grad=True, raise_error=False)
+    assert not check_flex_available(torch.device("cpu"), dtype=torch.float32, requires_grad=True, raise_error=False)
+
+
+def test_flex_rejects_dtypes_its_kernel_lacks_and_auto_avoids_them():
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16 inputs, got torch.float64"):
+        routed_attention(q, q, q, block_size=4, top_k=1, backend="flex")
+    options = dict(q_len=16384, k_len=16384, n_key_blocks=256, top_k=8, dropout=0.0, need_weights=False)
+    cuda = dict(device=torch.device("cuda"), requires_grad=True, **options)  # a choice: nothing runs on the GPU here
+    assert choose_backend("auto", dtype=torch.float64, **cuda) == "gather"
+    assert choose_backend("auto", dtype=torch.bfloat16, **cuda) == "flex"
 
 
 def test_flex_rejects_dropout():
@@ -680,18 +692,20 @@ def test_flex_rejects_dropout():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind, q_len, k_len, group, padding, block_size",
+    "kind, q_len, k_len, group, padding, block_size, top_k",
     [
-        ("bidirectional", 45, 45, 2, "right", 8),  # block 8: torch's CPU kernel needs the tile workaround
-        ("bidirectional", 70, 70, 1, "none", 16),
-        ("causal", 45, 45, 1, "left", 8),
-        ("cross", 9, 45, 2, "random", 12),
+        ("bidirectional", 45, 45, 2, "right", 8, 3),  # block 8: torch's CPU kernel needs the tile workaround
+        ("bidirectional", 70, 70, 1, "none", 16, 3),
+        ("bidirectional", 20, 20, 1, "none", 16, 3),  # fewer key blocks than top_k: more slots than key tiles
+        ("causal", 45, 45, 1, "left", 8, 3),
+        ("causal", 50, 50, 1, "none", 8, 5),  # halved tiles: 14 slots for 13 key tiles
+        ("cross", 9, 45, 2, "random", 12, 3),
     ],
 )
-def test_flex_cpu_forward_matches_reference(kind, q_len, k_len, group, padding, block_size):
+def test_flex_cpu_forward_matches_reference(kind, q_len, k_len, group, padding, block_size, top_k):
     p = dict(
         kind=kind, batch=2, kv_heads=2, q_heads=2 * group, q_len=q_len, k_len=k_len, dim=16, block_size=block_size,
-        top_k=3, global_blocks=1, padding=padding, seed=5,
+        top_k=top_k, global_blocks=1, padding=padding, seed=5,
     )  # fmt: skip
     query, key, value, options = make_inputs(p)
     with torch.no_grad():

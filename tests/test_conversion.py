@@ -182,7 +182,7 @@ def test_cli_convert(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "-> DualRouteForSequenceClassification" in printed and "copied: 41 tensors" in printed
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["route_block_size"] == 8 and config["layer_types"] == ["dualroute_attention", "full_attention"]
+    assert config["route_block_size"] == 8 and config["route_layer_types"] == ["dualroute_attention", "full_attention"]
     assert cli(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "cannot read a checkpoint" in capsys.readouterr().err
 

@@ -126,6 +126,12 @@ def test_remote_code_without_the_package(classifier_checkpoint, tmp_path):
         model.save_pretrained({str(tmp_path / "resaved")!r})
         again = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "resaved")!r}, trust_remote_code=True).eval()
         assert torch.equal(again(io["input_ids"], attention_mask=io["attention_mask"]).logits, io["expected"])
+        # without trust_remote_code the tokenizer and a plain config still load (a preprocessing script, say):
+        # transformers falls back to a PreTrainedConfig, which knows no `dualroute_attention` layer type
+        from transformers import AutoTokenizer, PreTrainedConfig
+        assert AutoTokenizer.from_pretrained({str(folder)!r})("good film")["input_ids"]
+        plain = PreTrainedConfig.from_pretrained({str(tmp_path / "resaved")!r})
+        assert plain.route_layer_types == {list(model.config.layer_types)!r}, plain
         print("OK")
         """,
         tmp_path,

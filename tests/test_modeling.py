@@ -1,5 +1,6 @@
 """The encoder and the classification head as transformers models."""
 
+import json
 import re
 
 import pytest
@@ -79,8 +80,9 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
         (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
         (dict(eos_token_id=99), ValueError, "`eos_token_id` must be a token id in [0, vocab_size=99), got 99"),
         (dict(bos_token_id=-1), ValueError, "`bos_token_id` must be a token id in [0, vocab_size=99), got -1"),
+        (dict(problem_type="foo"), ValueError, "`problem_type` must be one of ('regression', 'single_label_classification', 'multi_label_classification') (or None: inferred from the labels), got 'foo'"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_raises_at_construction(overrides, error, words):
     with pytest.raises(error, match=__import__("re").escape(words)):
         tiny_config(**overrides)
@@ -137,6 +139,14 @@ def test_config_round_trip_and_defaults(tmp_path):
     loaded = DualRouteConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.routed_layers == [True, False]
+    # config.json names the field route_layer_types (transformers' plain config rejects unknown layer types)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "layer_types" not in saved and saved["route_layer_types"] == ["dualroute_attention", "full_attention"]
+    saved["layer_types"] = saved.pop("route_layer_types")  # a file written before the rename
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert DualRouteConfig.from_pretrained(tmp_path).routed_layers == [True, False]
+    with pytest.raises(ValueError, match="`layer_types`=.* and `route_layer_types`=.* disagree"):
+        tiny_config(layer_types=["full_attention"] * 2, route_layer_types=["dualroute_attention"] * 2)
 
 
 # -- forward and outputs -----------------------------------------------------------------------------------------------
@@ -168,6 +178,26 @@ def test_outputs_hidden_states_attentions_and_router_indices():
     out = dense_last(input_ids, attention_mask=attention_mask, output_router_indices=True)
     assert out.router_indices[0].shape == (3, 4, 4, 2)
     assert out.router_indices[1][0].tolist() == [[[0, 1, 2, 3]] * 4] * 4
+
+
+def test_output_attentions_from_the_config_keeps_the_model_routed(tmp_path):
+    """transformers' base config switches to `eager` when `output_attentions=True` comes before an attention
+    implementation (``from_pretrained(..., output_attentions=True)``): this one stays routed and returns its maps."""
+    model = eval_model(DualRouteModel)
+    model.save_pretrained(tmp_path)
+    input_ids, attention_mask = random_batch(model.config)
+    expected = model(input_ids, attention_mask=attention_mask, output_attentions=True)
+    loaded = AutoModel.from_pretrained(tmp_path, output_attentions=True).eval()
+    assert loaded.config._attn_implementation == "dualroute"
+    out = loaded(input_ids, attention_mask=attention_mask)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    assert len(out.attentions) == 2
+    for got, want in zip(out.attentions, expected.attentions):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (out.attentions[0] == 0).any()  # routed: weights outside the selected blocks are zero
+    assert loaded(input_ids, attention_mask=attention_mask, output_attentions=False).attentions is None
+    model.config.output_attentions = True  # on a live routed model too
+    assert model(input_ids, attention_mask=attention_mask).attentions is not None
 
 
 @pytest.mark.parametrize("before_rope", [True, False])
@@ -405,6 +435,9 @@ def test_bad_inputs_raise():
         (dict(attention_mask=torch.zeros(2, 9).masked_fill(torch.rand(2, 9) < 0.3, float("-inf"))), ValueError, "an additive mask (0 / -inf) is not a padding mask"),
         (dict(input_ids=None, inputs_embeds=torch.randn(2, 9, 16)), ValueError, "`inputs_embeds` must have width 32 (the token embeddings'), got 16"),
         (dict(input_ids=torch.zeros(0, 9, dtype=torch.long)), ValueError, "`input_ids` is empty: (batch, seq) = (0, 9)"),
+        (dict(input_ids=[[5, 6, 7]]), TypeError, "`input_ids` must be a torch.Tensor, got list; tokenize with return_tensors='pt'"),
+        (dict(input_ids=torch.randint(4, 99, (2, 9)).numpy()), TypeError, "`input_ids` must be a torch.Tensor, got ndarray"),
+        (dict(attention_mask=[[1] * 9] * 2), TypeError, "`attention_mask` must be a torch.Tensor, got list"),
     ],
 )  # fmt: skip
 def test_bad_input_values_raise_naming_the_argument(inputs, error, words):

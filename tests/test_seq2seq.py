@@ -386,10 +386,14 @@ def test_seq2seq_pipeline(tmp_path):
     make_tokenizer().save_pretrained(tmp_path)
     generate = pipeline("dualroute-text2text", model=str(tmp_path), trust_remote_code=True)
     results = generate(["good film about a king", "the river"], max_new_tokens=5)
-    assert [len(r) for r in results] == [1, 1] and all(isinstance(r[0]["generated_text"], str) for r in results)
+    # a list of texts with one sequence each: one dict per text, as in transformers 4's text2text pipeline
+    assert len(results) == 2 and all(isinstance(r["generated_text"], str) for r in results)
     tokenizer = make_tokenizer()
     expected = model.generate(**tokenizer("the river", return_tensors="pt").to(torch.device("cpu")), max_new_tokens=5)
-    assert results[1][0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert results[1]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+    several = generate(["good film", "the river"], max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert [len(r) for r in several] == [2, 2]  # several sequences per text: a list per text
+    assert len(generate("the river", max_new_tokens=3, num_beams=2, num_return_sequences=2)) == 2
     # as in transformers 4's text2text pipeline, `max_length` limits the output; `max_input_length` truncates the input
     calls = []
     original = generate.model.generate
@@ -401,7 +405,7 @@ def test_seq2seq_pipeline(tmp_path):
     assert calls[1]["input_ids"].shape[1] == 8 and "max_input_length" not in calls[1]
     # installed use: the package's pipeline class, no remote code
     installed = pipeline("dualroute-text2text", model=str(tmp_path), pipeline_class=DualRouteText2TextPipeline)
-    assert installed("the river", max_new_tokens=5) == [results[1][0]]
+    assert installed("the river", max_new_tokens=5) == [results[1]]
 
 
 @pytest.mark.slow
