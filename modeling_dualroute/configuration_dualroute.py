@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import math
 
@@ -128,6 +130,9 @@ class DualRouteConfig(PreTrainedConfig):
                     "are the same field (the second is its name in config.json); pass one."
                 )
             self.layer_types = list(saved_layer_types)
+        # the route_ prefix is DualRoute's own: an unknown route_ field is a typo (or a newer version's setting that
+        # this code would silently ignore), not a custom attribute
+        _check_route_names(kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.layer_types is None:
@@ -343,6 +348,16 @@ class DualRouteConfig(PreTrainedConfig):
         return [layer_type == ROUTED_ATTENTION for layer_type in self.layer_types]
 
 
+def _check_route_names(names) -> None:
+    """Raises a `ValueError` for names with DualRoute's ``route_`` prefix that are not its fields (typos)."""
+    known = sorted(field.name for field in dataclasses.fields(DualRouteConfig) if field.name.startswith("route_"))
+    unknown = sorted(name for name in names if name.startswith("route_") and name not in (*known, SAVED_LAYER_TYPES))
+    if unknown:
+        close = [difflib.get_close_matches(name, known, n=1) for name in unknown]
+        hints = "".join(f" (did you mean `{match[0]}`?)" for match in close if match)
+        raise ValueError(f"unknown DualRoute setting(s) {unknown}{hints}; the route_ fields are {known}.")
+
+
 def _activation_names() -> list[str]:
     from transformers.activations import ACT2FN  # imports torch: only when a config is checked
 
@@ -374,6 +389,9 @@ def _from_dict_validated(from_dict):
 
     @functools.wraps(from_dict)
     def wrapped(cls, config_dict, **kwargs):
+        _check_route_names(kwargs)  # an override with a typo would otherwise be dropped as an unused kwarg
+        if SAVED_LAYER_TYPES in kwargs:  # the file's name for the field, as an override
+            kwargs["layer_types"] = kwargs.pop(SAVED_LAYER_TYPES)
         result = from_dict.__func__(cls, config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         for depth, types in (("num_hidden_layers", "layer_types"), ("decoder_layers", "decoder_layer_types")):

@@ -80,6 +80,7 @@ def eval_model(cls=DualRouteForSequenceClassification, **overrides):
         (dict(num_labels=0), ValueError, "`num_labels` must be >= 1, got 0"),
         (dict(eos_token_id=99), ValueError, "`eos_token_id` must be a token id in [0, vocab_size=99), got 99"),
         (dict(bos_token_id=-1), ValueError, "`bos_token_id` must be a token id in [0, vocab_size=99), got -1"),
+        (dict(route_topkk=4), ValueError, "unknown DualRoute setting(s) ['route_topkk'] (did you mean `route_topk`?)"),
         (dict(problem_type="foo"), ValueError, "`problem_type` must be one of ('regression', 'single_label_classification', 'multi_label_classification') (or None: inferred from the labels), got 'foo'"),
     ],
 )  # fmt: skip
@@ -123,6 +124,12 @@ def test_from_pretrained_with_fewer_or_more_layers(tmp_path):
         AutoConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4)
     explicit = AutoConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=1, layer_types=["full_attention"])
     assert explicit.layer_types == ["full_attention"]
+    same = AutoConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=1, route_layer_types=["full_attention"])
+    assert same.layer_types == ["full_attention"]  # the field's name in config.json works as an override too
+    with pytest.raises(
+        ValueError, match=r"unknown DualRoute setting\(s\) \['route_top_k'\] \(did you mean `route_topk`"
+    ):
+        AutoConfig.from_pretrained(tmp_path / "mixed", route_top_k=2)  # not silently dropped as an unused kwarg
 
 
 def test_pooling_set_after_construction_is_checked_when_used():
