@@ -39,9 +39,11 @@ from .feed_forward_dualroute import (
     autocast_enabled,
     can_chunk,
     can_chunk_inference,
+    can_norm_then_feed_forward,
     can_run_post_attention_inference,
     feed_forward,
     feed_forward_inference,
+    norm_then_feed_forward,
     post_attention_inference,
 )
 from .linear_dualroute import DualRouteLinear
@@ -484,10 +486,22 @@ class DualRouteEncoderLayer(GradientCheckpointingLayer):
                 self.final_layer_norm,
             )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
-        residual = hidden_states
-        hidden_states = nn.functional.dropout(self.mlp(hidden_states), p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        if self._can_norm_then_feed_forward(hidden_states):  # same values, the normed states not kept for backward
+            mlp = self.mlp
+            residual, hidden_states = norm_then_feed_forward(
+                hidden_states, self.self_attn_layer_norm, mlp.fc1, mlp.fc2, mlp.activation
+            )
+        else:
+            residual = self.self_attn_layer_norm(hidden_states)
+            hidden_states = self.mlp(residual)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         return self.final_layer_norm(residual + hidden_states)
+
+    def _can_norm_then_feed_forward(self, hidden_states: torch.Tensor) -> bool:
+        if type(self.mlp) is not DualRouteFeedForward or (self.training and self.mlp.activation_dropout):
+            return False
+        return can_norm_then_feed_forward(hidden_states, self.self_attn_layer_norm, self.mlp)
 
     def _can_run_post_attention_inference(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
         dropout = self.training and (self.dropout or self.mlp.activation_dropout)

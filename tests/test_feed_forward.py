@@ -17,9 +17,11 @@ from modeling_dualroute.feed_forward_dualroute import (
     _ChunkedFeedForward,
     can_chunk,
     can_chunk_inference,
+    can_norm_then_feed_forward,
     can_run_post_attention_inference,
     feed_forward,
     feed_forward_inference,
+    norm_then_feed_forward,
     post_attention_inference,
 )
 from modeling_dualroute.linear_dualroute import DualRouteLinear
@@ -136,11 +138,19 @@ def test_model_gradients_equal_the_plain_feed_forward(monkeypatch):
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     calls = []
-    monkeypatch.setattr(modeling, "feed_forward", lambda *args: calls.append(1) or feed_forward(*args))
+    spy = lambda *args: calls.append(1) or norm_then_feed_forward(*args)  # noqa: E731
+    monkeypatch.setattr(modeling, "norm_then_feed_forward", spy)
     chunked = gradients()
     assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(modeling, "can_norm_then_feed_forward", lambda *args: False)
+    calls.clear()
+    monkeypatch.setattr(modeling, "feed_forward", lambda *args: calls.append(1) or feed_forward(*args))
+    only_the_block = gradients()  # the feed-forward block alone chunked, the norm a module call
+    assert len(calls) == 2
     monkeypatch.setattr(modeling, "can_chunk", lambda *args: False)
     plain = gradients()
+    for name in plain:
+        torch.testing.assert_close(only_the_block[name], plain[name], msg=name)
     assert chunked.keys() == plain.keys() and any(".mlp.fc1." in name for name in chunked)
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], msg=name)
@@ -151,6 +161,7 @@ def test_activation_dropout_takes_the_plain_path(monkeypatch):
     model = DualRouteModel(config).train()
     called = []
     monkeypatch.setattr(modeling, "feed_forward", lambda *args: called.append(1))
+    monkeypatch.setattr(modeling, "norm_then_feed_forward", lambda *args: called.append(1))
     model(input_ids=torch.randint(5, config.vocab_size, (1, 16))).last_hidden_state.sum().backward()
     assert not called  # dropout between the two layers cannot be recomputed
 
@@ -234,6 +245,82 @@ def test_post_attention_inference_only_where_it_skips_nothing():
     attention_norm.requires_grad_(True)
     assert not can_run_post_attention_inference(attended, residual, attention_norm, ffn, final_norm)
     assert not can_run_post_attention_inference(attended, residual.requires_grad_(), final_norm, ffn, final_norm)
+
+
+@given(**BLOCK_CASES, affine=st.booleans(), norm_bias=st.booleans(), used=st.sampled_from(["both", "block", "norm"]))
+def test_norm_then_feed_forward_equals_the_module_calls(
+    batch, seq, chunk_rows, activation, bias, seed, affine, norm_bias, used
+):
+    """Outputs and every gradient, with the loss reaching both outputs or only one of them."""
+    torch.manual_seed(seed)
+    fc1, fc2 = make_block(8, 24, bias)
+    norm = make_norm(8, affine, norm_bias)
+    act = ACT2FN[activation]
+    s = torch.randn(batch, seq, 8, dtype=torch.float64, requires_grad=True)
+    grad_normed, grad_block = torch.randn(2, batch, seq, 8, dtype=torch.float64)
+    params = [s, *norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    results = []
+    for fused in (False, True):
+        if fused:
+            normed, block = norm_then_feed_forward(s, norm, fc1, fc2, act, chunk_rows)
+        else:
+            normed = norm(s)
+            block = fc2(act(fc1(normed)))
+        loss = (normed * grad_normed).sum() if used != "block" else 0
+        loss = loss + (block * grad_block).sum() if used != "norm" else loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((normed.detach(), block.detach(), grads))
+    (normed, block, grads), (fused_normed, fused_block, fused_grads) = results
+    torch.testing.assert_close(fused_normed, normed, rtol=0, atol=0)
+    torch.testing.assert_close(fused_block, block)
+    for got, expected in zip(fused_grads, grads, strict=True):
+        if expected is None:  # the block's parameters when only the norm's output is used
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, expected)
+
+
+def test_norm_then_feed_forward_only_where_it_skips_nothing():
+    config = tiny_config(num_hidden_layers=1)
+    ffn = modeling.DualRouteFeedForward(config, config.intermediate_size)
+    norm = nn.LayerNorm(config.hidden_size)
+    s = torch.randn(2, 5, config.hidden_size, requires_grad=True)
+    assert can_norm_then_feed_forward(s, norm, ffn)
+    assert not can_norm_then_feed_forward(s, nn.RMSNorm(config.hidden_size), ffn)  # another norm: its own call
+    assert not can_norm_then_feed_forward(s, copy.deepcopy(norm).double(), ffn)
+    for module in (norm, ffn, ffn.fc1):  # the calls it skips must not be watched
+        handle = module.register_forward_hook(lambda *args: None)
+        assert not can_norm_then_feed_forward(s, norm, ffn)
+        handle.remove()
+    with torch.no_grad():
+        assert not can_norm_then_feed_forward(s, norm, ffn)  # nothing to record: the inference paths apply
+
+
+def test_encoder_layer_keeps_fewer_tensors_for_backward(monkeypatch):
+    """What autograd keeps of a training forward (distinct storages, counted through saved-tensor hooks): the normed
+    states before the feed-forward block are no longer one of them."""
+    config = tiny_config(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = DualRouteModel(config).train()
+    input_ids = torch.randint(5, config.vocab_size, (1, 64))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes():
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=input_ids).last_hidden_state.sum().backward()
+        return sum(storages.values())
+
+    hidden_wide = 64 * config.hidden_size * 4  # one (tokens, hidden) float32 tensor
+    fused = saved_bytes()
+    monkeypatch.setattr(modeling, "can_norm_then_feed_forward", lambda *args: False)
+    assert saved_bytes() - fused == hidden_wide
 
 
 def test_model_inference_uses_the_chunked_paths_with_equal_outputs(monkeypatch):
