@@ -448,6 +448,22 @@ class DualRouteFeedForward(nn.Module):
         return self.fc2(hidden_states)
 
 
+def norm_feed_forward_norm(layer: nn.Module, hidden_states: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """The end of a post-LayerNorm layer (``layer.mlp``, ``layer.dropout``, ``layer.final_layer_norm``):
+    ``h = norm(hidden_states); final_layer_norm(h + dropout(mlp(h)))``. In training, the norm and the feed-forward
+    block run as one chunked function (`norm_then_feed_forward`) when nothing would be skipped: same values, ``h``
+    recomputed in the backward pass instead of kept."""
+    mlp = layer.mlp
+    plain_block = type(mlp) is DualRouteFeedForward and not (mlp.training and mlp.activation_dropout)
+    if plain_block and can_norm_then_feed_forward(hidden_states, norm, mlp):
+        normed, hidden_states = norm_then_feed_forward(hidden_states, norm, mlp.fc1, mlp.fc2, mlp.activation)
+    else:
+        normed = norm(hidden_states)
+        hidden_states = mlp(normed)
+    hidden_states = nn.functional.dropout(hidden_states, p=layer.dropout, training=layer.training)
+    return layer.final_layer_norm(normed + hidden_states)
+
+
 class DualRouteEncoderLayer(GradientCheckpointingLayer):
     """Post-LayerNorm block: ``x = LN(x + attn(x)); x = LN(x + ffn(x))`` (BERT / BART)."""
 
@@ -486,22 +502,7 @@ class DualRouteEncoderLayer(GradientCheckpointingLayer):
                 self.final_layer_norm,
             )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + hidden_states
-        if self._can_norm_then_feed_forward(hidden_states):  # same values, the normed states not kept for backward
-            mlp = self.mlp
-            residual, hidden_states = norm_then_feed_forward(
-                hidden_states, self.self_attn_layer_norm, mlp.fc1, mlp.fc2, mlp.activation
-            )
-        else:
-            residual = self.self_attn_layer_norm(hidden_states)
-            hidden_states = self.mlp(residual)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        return self.final_layer_norm(residual + hidden_states)
-
-    def _can_norm_then_feed_forward(self, hidden_states: torch.Tensor) -> bool:
-        if type(self.mlp) is not DualRouteFeedForward or (self.training and self.mlp.activation_dropout):
-            return False
-        return can_norm_then_feed_forward(hidden_states, self.self_attn_layer_norm, self.mlp)
+        return norm_feed_forward_norm(self, residual + hidden_states, self.self_attn_layer_norm)
 
     def _can_run_post_attention_inference(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
         dropout = self.training and (self.dropout or self.mlp.activation_dropout)
@@ -548,10 +549,7 @@ class DualRouteDecoderLayer(GradientCheckpointingLayer):
             hidden_states, encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache, **kwargs
         )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
-        residual = hidden_states
-        hidden_states = nn.functional.dropout(self.mlp(hidden_states), p=self.dropout, training=self.training)
-        return self.final_layer_norm(residual + hidden_states)
+        return norm_feed_forward_norm(self, residual + hidden_states, self.encoder_attn_layer_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -156,6 +156,28 @@ def test_model_gradients_equal_the_plain_feed_forward(monkeypatch):
         torch.testing.assert_close(chunked[name], plain[name], msg=name)
 
 
+def test_seq2seq_training_runs_every_layer_norm_then_feed_forward_with_equal_gradients(monkeypatch):
+    config = tiny_seq2seq_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = DualRouteForConditionalGeneration(config).double().train()
+    input_ids, labels = torch.randint(5, config.vocab_size, (2, 40)), torch.randint(5, config.vocab_size, (2, 9))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    spy = lambda *args: calls.append(1) or norm_then_feed_forward(*args)  # noqa: E731
+    monkeypatch.setattr(modeling, "norm_then_feed_forward", spy)
+    fused = gradients()
+    assert len(calls) == config.num_hidden_layers + config.decoder_layers
+    monkeypatch.setattr(modeling, "can_norm_then_feed_forward", lambda *args: False)
+    plain = gradients()
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], msg=name)
+
+
 def test_activation_dropout_takes_the_plain_path(monkeypatch):
     config = tiny_config(num_hidden_layers=1, activation_dropout=0.5)
     model = DualRouteModel(config).train()
