@@ -320,15 +320,15 @@ class DualRouteConfig(PreTrainedConfig):
     def output_attentions(self, value: bool):
         # The base setter switches a config without an attention implementation yet to `eager` (as in
         # `from_pretrained(..., output_attentions=True)`), which would run this model densely; it stays routed here.
-        if value and self._attn_implementation not in ("eager", "dualroute", None):
-            raise ValueError(
-                f"`output_attentions` needs attn_implementation 'eager' or 'dualroute', got {self._attn_implementation!r}."
-            )
+        self._check_output_attentions(value)
         self._output_attentions = value
 
     def validate_output_attentions(self):
         """`output_attentions` works with `dualroute` (reference backend) as well as with `eager`."""
-        if self.output_attentions and self._attn_implementation not in ("eager", "dualroute", None):
+        self._check_output_attentions(self.output_attentions)
+
+    def _check_output_attentions(self, value: bool) -> None:
+        if value and self._attn_implementation not in ("eager", "dualroute", None):
             raise ValueError(
                 f"`output_attentions` needs attn_implementation 'eager' or 'dualroute', got {self._attn_implementation!r}."
             )

@@ -54,10 +54,7 @@ class _ChunkedFeedForward(torch.autograd.Function):
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, chunk_rows):
         rows = x.reshape(-1, x.shape[-1])
         hidden = torch.nn.functional.linear(rows, fc1_weight, fc1_bias)  # kept for the backward pass
-        out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
-        for start in range(0, rows.shape[0], chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            out[chunk] = torch.nn.functional.linear(activation(hidden[chunk]), fc2_weight, fc2_bias)
+        out = _second_layer_by_chunks(hidden, activation, fc2_weight, fc2_bias, chunk_rows)
         ctx.save_for_backward(rows, hidden, fc1_weight, fc2_weight)
         ctx.activation, ctx.chunk_rows, ctx.input_shape = activation, chunk_rows, x.shape
         return out.view(*x.shape[:-1], fc2_weight.shape[0])
@@ -69,14 +66,8 @@ class _ChunkedFeedForward(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = rows.new_empty(rows.shape) if needs[0] else None
-        # Parameter gradients add up over the chunks: in float32 at least, so that half-precision weights do not
-        # round the running sum at every chunk (the plain path rounds its single product once).
-        accumulate = torch.promote_types(fc1_weight.dtype, torch.float32)
-        grad_fc1_weight = torch.zeros_like(fc1_weight, dtype=accumulate) if needs[1] else None
-        grad_fc1_bias = fc1_weight.new_zeros(fc1_weight.shape[0], dtype=accumulate) if needs[2] else None
-        grad_fc2_weight = torch.zeros_like(fc2_weight, dtype=accumulate) if needs[3] else None
+        sums = _feed_forward_sums(fc1_weight, fc2_weight, needs[1:4])
         grad_fc2_bias = grad_out.sum(0) if needs[4] else None
-        sums = (grad_fc1_weight, grad_fc1_bias, grad_fc2_weight)
         for start in range(0, rows.shape[0], ctx.chunk_rows):
             chunk = slice(start, start + ctx.chunk_rows)
             out = grad_x[chunk] if grad_x is not None else None
@@ -103,10 +94,7 @@ class _NormThenFeedForward(torch.autograd.Function):
         rows = s.reshape(-1, width)
         normed, mean, rstd = torch.native_layer_norm(rows, (width,), norm_weight, norm_bias, eps)
         hidden = torch.nn.functional.linear(normed, fc1_weight, fc1_bias)
-        out = rows.new_empty(rows.shape[0], fc2_weight.shape[0])
-        for start in range(0, rows.shape[0], chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            out[chunk] = torch.nn.functional.linear(activation(hidden[chunk]), fc2_weight, fc2_bias)
+        out = _second_layer_by_chunks(hidden, activation, fc2_weight, fc2_bias, chunk_rows)
         ctx.save_for_backward(rows, mean, rstd, hidden, norm_weight, norm_bias, fc1_weight, fc2_weight)
         ctx.eps, ctx.activation, ctx.chunk_rows, ctx.input_shape = eps, activation, chunk_rows, s.shape
         return normed.view(s.shape), out.view(*s.shape[:-1], fc2_weight.shape[0])
@@ -117,32 +105,21 @@ class _NormThenFeedForward(torch.autograd.Function):
         rows, mean, rstd, hidden, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         width = rows.shape[-1]
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1]) if grad_out is not None else None
-        grad_normed = grad_normed.reshape(-1, width) if grad_normed is not None else None
-        accumulate = torch.promote_types(fc1_weight.dtype, torch.float32)  # as in _ChunkedFeedForward
+        # autograd materialises the gradient of an output the loss does not reach as zeros: both are tensors
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_normed = grad_normed.reshape(-1, width)
+        accumulate = torch.promote_types(fc1_weight.dtype, torch.float32)  # as in `_feed_forward_sums`
         grad_s = rows.new_empty(rows.shape) if needs[0] else None
         norm_sums = [torch.zeros(width, dtype=accumulate, device=rows.device) if needs[i] else None for i in (1, 2)]
-        sums = (
-            torch.zeros_like(fc1_weight, dtype=accumulate) if needs[4] else None,
-            fc1_weight.new_zeros(fc1_weight.shape[0], dtype=accumulate) if needs[5] else None,
-            torch.zeros_like(fc2_weight, dtype=accumulate) if needs[6] else None,
-        )
-        grad_fc2_bias = grad_out.sum(0) if needs[7] and grad_out is not None else None
+        sums = _feed_forward_sums(fc1_weight, fc2_weight, needs[4:7])
+        grad_fc2_bias = grad_out.sum(0) if needs[7] else None
         for start in range(0, rows.shape[0], ctx.chunk_rows):
             chunk = slice(start, start + ctx.chunk_rows)
             normed = torch.native_layer_norm(rows[chunk], (width,), norm_weight, norm_bias, ctx.eps)[0]  # recomputed
-            grad_h = None
-            if grad_out is not None:
-                grad_h = _backward_chunk(
-                    normed, hidden[chunk], grad_out[chunk], fc1_weight, fc2_weight, ctx.activation, sums, None,
-                    rows_grad=True,
-                )  # fmt: skip
-            if grad_normed is not None:
-                grad_h = grad_normed[chunk].clone() if grad_h is None else grad_h.add_(grad_normed[chunk])
-            if grad_h is None:
-                if grad_s is not None:
-                    grad_s[chunk].zero_()
-                continue
+            grad_h = _backward_chunk(
+                normed, hidden[chunk], grad_out[chunk], fc1_weight, fc2_weight, ctx.activation, sums, None,
+                rows_grad=True,
+            ).add_(grad_normed[chunk])  # fmt: skip
             mask = [grad_s is not None, norm_sums[0] is not None, norm_sums[1] is not None]
             grad_rows, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
                 grad_h, rows[chunk], (width,), mean[chunk], rstd[chunk], norm_weight, norm_bias, mask
@@ -158,6 +135,28 @@ class _NormThenFeedForward(torch.autograd.Function):
             grad_s = grad_s.view(ctx.input_shape)
         return (grad_s, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
                 grad_fc2_bias, None, None)  # fmt: skip
+
+
+def _second_layer_by_chunks(hidden, activation, fc2_weight, fc2_bias, chunk_rows: int) -> torch.Tensor:
+    """``fc2(activation(hidden))``, ``chunk_rows`` rows at a time (a chunk's ``activation(hidden)`` is the only
+    temporary four times the hidden width)."""
+    out = hidden.new_empty(hidden.shape[0], fc2_weight.shape[0])
+    for start in range(0, hidden.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        out[chunk] = torch.nn.functional.linear(activation(hidden[chunk]), fc2_weight, fc2_bias)
+    return out
+
+
+def _feed_forward_sums(fc1_weight, fc2_weight, needs) -> tuple:
+    """Zeroed running sums for the fc1 weight, fc1 bias and fc2 weight gradients (``None`` where ``needs`` says no).
+    They add up over the chunks in float32 at least, so that half-precision weights do not round the running sum at
+    every chunk (the plain path rounds its single product once)."""
+    accumulate = torch.promote_types(fc1_weight.dtype, torch.float32)
+    shapes = (fc1_weight.shape, fc1_weight.shape[:1], fc2_weight.shape)
+    return tuple(
+        torch.zeros(shape, dtype=accumulate, device=fc1_weight.device) if need else None
+        for shape, need in zip(shapes, needs, strict=True)
+    )
 
 
 def _backward_chunk(rows, hidden, grad_out, fc1_weight, fc2_weight, activation, sums, out, *, rows_grad: bool):
