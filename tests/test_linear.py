@@ -7,9 +7,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modeling_dualroute import DualRouteForConditionalGeneration, DualRouteModel
-from modeling_dualroute.linear_dualroute import DualRouteLinear
+from modeling_dualroute.linear_dualroute import DualRouteLinear, cpu_vendor, few_rows_for
 
 from helpers import tiny_config, tiny_seq2seq_config
+
+
+DEFAULT_FEW_ROWS = DualRouteLinear.FEW_ROWS  # before the fixture below sets it
 
 
 def twins(in_features, out_features, bias, dtype):
@@ -17,6 +20,20 @@ def twins(in_features, out_features, bias, dtype):
     plain = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     plain.load_state_dict(fast.state_dict())
     return fast, plain
+
+
+@pytest.fixture(autouse=True)
+def few_rows_path(monkeypatch):
+    """The product is taken on AMD CPUs only: the tests take it on any machine, so it is checked wherever they run."""
+    monkeypatch.setattr(DualRouteLinear, "FEW_ROWS", 16)
+
+
+def test_few_rows_path_on_amd_cpus_only():
+    """The default follows the vendor: MKL's few-row ``linear`` is slow on AMD and fast on Intel (module docstring)."""
+    assert DEFAULT_FEW_ROWS == few_rows_for(cpu_vendor())
+    assert few_rows_for("AuthenticAMD") == 16
+    assert few_rows_for("GenuineIntel") == few_rows_for("") == 0
+    assert isinstance(cpu_vendor(), str)
 
 
 def count_linear_calls(monkeypatch):
