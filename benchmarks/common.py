@@ -108,6 +108,33 @@ def peak_extra_memory_mb(fn) -> float:
     return max(0.0, _status_mb("VmHWM") - before)
 
 
+def peak_allocated_mb(fn) -> float:
+    """Peak of the memory torch's CPU allocator hands out during ``fn`` on top of what is allocated before it.
+
+    Counts tensors only: not what the C allocator keeps of freed memory, thread stacks or library scratch, which
+    `peak_extra_memory_mb` (resident memory) includes. So it is free of the C allocator's ±50 MB retention noise and
+    is what ``torch.cuda.max_memory_allocated`` reports on a GPU. Read off torch.profiler's allocation events.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = []
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            changes.append((node.start_time_ns, node.extra_fields.alloc_size))
+    level = peak = 0
+    for _, size in sorted(changes):
+        level += size
+        peak = max(peak, level)
+    return peak / 2**20
+
+
 def measure_in_fresh_process(script: str, args: list[str], timeout: float = 3600) -> dict:
     """Runs ``python script *args`` and parses the JSON object it prints last (used to measure peak memory alone)."""
     result = subprocess.run(

@@ -64,7 +64,8 @@ def synthetic_rows():
                         row["skipped"] = "estimated peak memory 40.0 GB > --max-memory-gb 20"
                     else:
                         seconds = base * growth * layers * (3 if mode == "forward_backward" else 1) / 10
-                        row.update(median_s=seconds, runs_s=[seconds], peak_extra_mb=100.0 * growth * base)
+                        memory = dict(peak_extra_mb=100.0 * growth * base, peak_allocated_mb=50.0 * growth * base)
+                        row.update(median_s=seconds, runs_s=[seconds], **memory)
                     rows.append(row)
     return rows
 
@@ -79,6 +80,7 @@ def test_summarize_and_render(bench):
     assert training["layers"] == 6
     assert training["value"] == pytest.approx(8 * 2 / 1)  # bert grows quadratically from 4k
     assert training["memory_ratio"] == pytest.approx(1 / 16) and training["met"]
+    assert training["allocated_memory_ratio"] == pytest.approx(1 / 16)
     growth = targets["forward_growth_per_doubling_1layer"]
     assert growth["value"] == pytest.approx(2.0) and growth["met"] and growth["lengths"] == [4096, 8192, 16384, 32768]
     assert next(r for r in rows if r["model"] == "bert" and r["n"] == 4096)["dualroute_speedup"] == pytest.approx(8)
@@ -92,6 +94,24 @@ def test_summarize_and_render(bench):
     assert "| N | DualRoute | BERT (SDPA) |" in text
     assert "(8.0×)" in text and "skipped" in text and "estimated peak memory" in text
     assert "training_8k_vs_bert (6 layers)" in text
+    assert "peak extra memory (resident / torch tensors)" in text and ", 100 MB / 50 MB" in text
+    assert "memory 0.06× (tensors 0.06×)" in text
+
+
+def test_peak_allocated_counts_tensors_alive_together():
+    """8 MB, then 4 MB more while it lives, then 2 MB after both are freed: the peak is 12 MB, whatever the resident
+    memory does; tensors allocated before the call do not count."""
+    common = load_benchmark("common")
+    before = torch.ones(1 << 20)
+
+    def run():
+        a = torch.ones(2 << 20)  # 8 MB
+        b = torch.ones(1 << 20)  # 4 MB
+        del a, b
+        c = torch.ones(512 << 10)  # 2 MB
+        return float(c.sum() + before.sum())
+
+    assert common.peak_allocated_mb(run) == pytest.approx(12, abs=0.1)
 
 
 def test_summarize_without_the_target_lengths(bench):
