@@ -235,6 +235,7 @@ def routed_attention_with_plan(
     key_descriptors: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     routing_query: torch.Tensor | None = None,
     routing_key: torch.Tensor | None = None,
+    key_blocks: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """`routed_attention` that also returns ``info``: ``plan`` (the routing; ``None`` when top-k covers every block and
     ``need_plan`` is False, since dense attention then needs none), ``backend`` (what ran) and ``weights``
@@ -242,7 +243,8 @@ def routed_attention_with_plan(
     ``routing_key`` (shaped like ``query`` / ``key``): what level 1 routes on instead of ``query`` / ``key``, e.g.
     the vectors before a rotary position embedding; level 2 always attends with ``query`` and ``key``.
     ``key_descriptors``: see `route_blocks` (a cache passes its reader, so that a call that runs dense attention,
-    e.g. over a decoder's first ``top_k`` blocks, never computes descriptors)."""
+    e.g. over a decoder's first ``top_k`` blocks, never computes descriptors). ``key_blocks``: ``key`` block-major, or
+    a reader that returns it (see `decode_attention`); a single decoding query may read it instead of ``key``."""
     check_backend(backend)
     _check_tensor("value", value, "(batch, kv_heads, k_len, head_dim)")  # route_blocks takes no value; attention does
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
@@ -322,7 +324,7 @@ def routed_attention_with_plan(
             query, key, value, key_padding_mask, causal, query_offset, scale=scale, dropout=dropout
         )
     elif chosen == "gather" and per_token and q_len == 1 and not dropout:
-        output = decode_attention(query, key, value, plan, scale=scale, **geometry)
+        output = decode_attention(query, key, value, plan, scale=scale, key_blocks=key_blocks, **geometry)
     elif chosen == "gather" and per_token and not dropout:
         output = token_gather_attention(query, key, value, plan, scale=scale, **geometry)
     elif chosen == "gather":
@@ -422,7 +424,7 @@ def dualroute_attention_forward(
     Reads the routing settings from ``module.config`` (``route_block_size``, ``route_topk``, ``route_global_blocks``,
     ``route_backend``; defaults 64 / 8 / 1 / auto for models whose config lacks them), causality from
     ``module.is_causal`` and cross-attention from ``module.is_cross_attention``. A module with ``routed = False`` (a
-    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` (from the cache),
+    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` and ``key_blocks`` (from the cache),
     ``routing_query`` / ``routing_key`` (what level 1 routes on, e.g. the vectors before RoPE) and ``router_info`` (a
     dict that receives the routing plan; for a dense layer, every candidate block).
 
@@ -466,6 +468,7 @@ def dualroute_attention_forward(
         key_descriptors=kwargs.get("key_descriptors") if routed else None,
         routing_query=kwargs.get("routing_query") if routed else None,
         routing_key=kwargs.get("routing_key") if routed else None,
+        key_blocks=kwargs.get("key_blocks") if routed else None,
     )
     if router_info is not None:
         router_info["plan"] = info["plan"]  # a dense layer's plan lists every candidate block

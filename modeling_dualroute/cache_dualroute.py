@@ -22,6 +22,11 @@ expands the encoder output per beam. transformers reorders every cache layer at 
 copies all encoder keys and values (at 16k tokens and 4 beams, 270 MB per layer per step) to put identical rows where
 identical rows already are. A write-once layer finds, once, which of its rows are identical, and skips a reorder that
 only swaps identical rows; any other reorder is carried out in full. This serves dense and routed attention alike.
+
+A write-once layer that routes single decoding queries also keeps its keys block-major (`block_major_keys`, built at
+the first such step), which lets each step read the selected keys in place instead of copying them out
+(`decode_dualroute.py`). That copy costs the memory of the keys once more (the cross-attention cache grows by half:
+6 layers x 16k tokens x 512 x 4 B = 200 MB per sequence), for a decoding step ~10% faster at 16k encoder tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .configuration_dualroute import ROUTED_ATTENTION
+from .decode_dualroute import block_major_keys
 from .routing_dualroute import block_sums
 
 
@@ -54,6 +60,7 @@ class DualRouteCacheLayer(DynamicLayer):
         self.routing_keys: torch.Tensor | None = None  # (batch, kv_heads, seq, head_dim): what descriptors average
         self.write_once = False  # cross-attention: the encoder's keys, written at the first step, never appended to
         self.row_classes: torch.Tensor | None = None  # write-once layer: lowest index of the row each row equals
+        self.key_blocks: torch.Tensor | None = None  # the keys block-major (b, hk, blocks, d, B), once asked for
 
     # -- writing -------------------------------------------------------------------------------------------------------
 
@@ -84,7 +91,7 @@ class DualRouteCacheLayer(DynamicLayer):
                 f"`routing_keys` must have the shape of `key_states` {tuple(key_states.shape)}, "
                 f"got {tuple(routing_keys.shape)}."
             )
-        self.write_once, self.row_classes = write_once and old_length == 0, None
+        self.write_once, self.row_classes, self.key_blocks = write_once and old_length == 0, None, None
         keys, values = super().update(key_states, value_states)
         if routing_keys is not None:
             self.routing_keys = (
@@ -136,6 +143,13 @@ class DualRouteCacheLayer(DynamicLayer):
             self._means = (self.block_sums, means)
         return means, self.block_counts
 
+    def block_major_keys(self, block_size: int) -> torch.Tensor:
+        """The cached keys block-major, ``(b, hk, blocks, d, block_size)`` (`decode_dualroute.block_major_keys`),
+        computed at the first call and kept until the keys change."""
+        if self.key_blocks is None or self.key_blocks.shape[-1] != block_size:
+            self.key_blocks = block_major_keys(self.keys, block_size)
+        return self.key_blocks
+
     def key_padding_mask(self) -> torch.Tensor | None:
         return self.key_mask
 
@@ -148,6 +162,8 @@ class DualRouteCacheLayer(DynamicLayer):
             self.block_sums, self.block_counts = operation(self.block_sums), operation(self.block_counts)
         if self.key_mask is not None:
             self.key_mask = operation(self.key_mask)
+        if self.key_blocks is not None:
+            self.key_blocks = operation(self.key_blocks)
 
     def _identical_rows(self) -> torch.Tensor:
         """``(batch,)``: for each row the lowest index of a row with equal keys, values and mask (computed once)."""
@@ -193,6 +209,8 @@ class DualRouteCacheLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self.row_classes = None
+        if tokens_to_remove:
+            self.key_blocks = None
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         length = self.get_seq_length()

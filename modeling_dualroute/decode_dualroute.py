@@ -14,13 +14,23 @@ blocks), and on CPU a fresh allocation of that size is mapped afresh by the C al
 step: at 16k encoder tokens and 4 beams that was ~12,000 page faults per step, most of the step's time. When no input
 needs a gradient (autograd would keep the gathered keys and values) the gathers on CPU therefore go into scratch
 buffers kept per thread and reused, up to `SCRATCH_MAX_ELEMENTS` each.
+
+Copying the selected keys and values out and reading them again in two matrix products still costs three passes
+over them. When the cache also keeps its keys block-major (`block_major_keys`: each block transposed, ``(d, B)``, as
+a write-once cross-attention cache layer does), a step reads each selected key and value once instead
+(`_attend_block_major`): every score row of a block is ``sum_c q_c * K_block[c, :]``, a weighted sum of the
+block's ``d`` rows, and the output is ``sum_t p_t * V[t]``, a weighted sum of the selected values, and both are one
+`embedding_bag` (gather and weighted sum fused). At 16k encoder tokens and a batch of 8 that took a decoding step
+from 42.5 to 38.0 ms (the 6 layers' cross-attention gathers and products 12.6 ms, the two bags 5.6 ms).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .gather_dualroute import select_into
 from .routing_dualroute import num_blocks
@@ -37,6 +47,7 @@ def decode_attention(
     causal: bool,
     query_offset: int,
     scale: float,
+    key_blocks: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of a single query per sequence over its routed key blocks.
 
@@ -46,6 +57,9 @@ def decode_attention(
         plan: ``(b, hk, 1, top_k)`` per-token routing plan, ``-1`` for an empty slot.
         key_valid: ``(b, lk)`` bool, ``True`` = real key; ``None``: all real.
         causal: the query sits at key position ``query_offset`` and sees keys at or before it.
+        key_blocks: the same keys block-major (`block_major_keys`), or a function that returns them (a cache layer's
+            reader, called only when this call uses them): outside autograd, float32/64 keys and values and a
+            contiguous ``value`` read them instead of gathering blocks of ``key``.
 
     Returns:
         ``(b, hq, 1, d)``; zeros where no selected key is visible.
@@ -60,6 +74,26 @@ def decode_attention(
 
     selected = plan[:, :, 0]  # b hk k
     top_k = selected.shape[-1]
+    if (
+        key_blocks is not None
+        and not needs_grad
+        and not torch.compiler.is_compiling()
+        and query.dtype == key.dtype == value.dtype
+        and query.dtype in (torch.float32, torch.float64)
+        and value.is_contiguous()
+    ):
+        key_blocks = key_blocks() if callable(key_blocks) else key_blocks
+        q = query.reshape(batch, kv_heads, group, dim) * scale
+        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset)
+        all_visible = (
+            key_valid is None
+            and k_len % block_size == 0
+            and not (causal and query_offset < k_len - 1)
+            and not bool((selected < 0).any())
+        )
+        output = _attend_block_major(q, key_blocks, value, selected, token, None if all_visible else visible)
+        return output.reshape(batch, q_heads, 1, dim)
+
     # Known from the shapes alone: with no padding and at least top_k candidate blocks, every key of a selected block is
     # visible (a causal decoding query is the last key, so causality hides nothing from it): the step reads whole
     # blocks (`_select_whole_blocks`), masking only what it reads that is not a selected key. A ragged length is read
@@ -73,14 +107,7 @@ def decode_attention(
     needs_mask = not (all_visible and (not ragged or windows_ok))
     left_out = None
     if needs_mask:
-        offsets = torch.arange(block_size, device=query.device)
-        token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)  # b hk k*B
-        visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
-        if causal:
-            visible &= token <= query_offset
-        token = token.clamp(max=k_len - 1)  # the ragged tail and empty slots read a real key, masked below
-        if key_valid is not None:
-            visible &= torch.gather(key_valid[:, None, :].expand(-1, kv_heads, -1), 2, token)
+        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset)
         keys, values = _select_tokens(token, key, value, scratch=scratch)  # b hk k*B d
     else:
         (keys, values), left_out = _select_whole_blocks(selected, block_size, key, value, scratch=scratch)
@@ -99,6 +126,86 @@ def decode_attention(
         probs = torch.softmax(scores, dim=-1)
     output = torch.matmul(probs, values)  # b hk g d
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
+
+
+def block_major_keys(key: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(b, hk, n_blocks, d, B)``: each key block of ``key`` ``(b, hk, lk, d)`` transposed, the ragged last block
+    padded with zeros (its padding is never visible: `_selected_tokens` masks positions past ``lk``)."""
+    batch, heads, length, dim = key.shape
+    blocks = num_blocks(length, block_size)
+    if length % block_size:
+        key = F.pad(key, (0, 0, 0, blocks * block_size - length))
+    return key.reshape(batch, heads, blocks, block_size, dim).transpose(-1, -2).contiguous()
+
+
+def _selected_tokens(
+    selected: torch.Tensor,
+    block_size: int,
+    k_len: int,
+    key_valid: torch.Tensor | None,
+    causal: bool,
+    query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token, visible)``, both ``(b, hk, k*B)``: the key position of each token of the selected blocks, and whether
+    it is a visible key. The ragged tail and empty slots (``-1``) are not visible and read a real key (the last one,
+    or block 0's), so that gathering them needs no bounds check."""
+    token = (selected.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=selected.device)).flatten(
+        2
+    )
+    visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
+    if causal:
+        visible &= token <= query_offset
+    token = token.clamp(max=k_len - 1)
+    if key_valid is not None:
+        visible &= torch.gather(key_valid[:, None, :].expand(-1, selected.shape[1], -1), 2, token)
+    return token, visible
+
+
+def _attend_block_major(
+    q: torch.Tensor,
+    key_blocks: torch.Tensor,
+    value: torch.Tensor,
+    selected: torch.Tensor,
+    token: torch.Tensor,
+    visible: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(b, hk, g, d)`` attention of the scaled queries ``q`` ``(b, hk, g, d)`` over the blocks ``selected``
+    ``(b, hk, k)`` (tokens ``token``, visibility ``visible`` or ``None`` for all: `_selected_tokens`), reading
+    block-major keys and contiguous values in place: two `embedding_bag` calls.
+
+    Scores: one bag per (query, selected block), the block's ``d`` rows of ``key_blocks`` weighted by the query's
+    ``d`` features, giving the block's ``B`` scores. Output: one bag per query, the selected tokens' value rows
+    weighted by their probabilities (zero where not visible)."""
+    batch, kv_heads, group, dim = q.shape
+    n_blocks, block_size = key_blocks.shape[2], key_blocks.shape[-1]
+    k_len, top_k = value.shape[2], selected.shape[-1]
+    device = q.device
+    head = torch.arange(batch * kv_heads, device=device).view(batch, kv_heads, 1)
+    key_rows = (head * n_blocks + selected.clamp(min=0))[..., None] * dim + torch.arange(dim, device=device)
+    key_rows = key_rows[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1)
+    feature_weights = q[:, :, :, None, :].expand(-1, -1, -1, top_k, -1).reshape(-1)
+    scores = F.embedding_bag(
+        key_rows,
+        key_blocks.view(-1, block_size),
+        torch.arange(0, key_rows.numel(), dim, device=device),
+        mode="sum",
+        per_sample_weights=feature_weights,
+    ).view(batch, kv_heads, group, top_k * block_size)
+    if visible is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        # A finite fill keeps a row without visible keys finite (uniform, then zeroed).
+        scores.masked_fill_(~visible[:, :, None, :], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
+    value_rows = (head * k_len + token)[:, :, None].expand(-1, -1, group, -1).reshape(-1)
+    output = F.embedding_bag(
+        value_rows,
+        value.view(-1, dim),
+        torch.arange(0, value_rows.numel(), top_k * block_size, device=device),
+        mode="sum",
+        per_sample_weights=probs.reshape(-1),
+    )
+    return output.view(batch, kv_heads, group, dim)
 
 
 def _select_whole_blocks(
@@ -181,4 +288,4 @@ def _index_rows(source: torch.Tensor, rows: torch.Tensor, slot: int | None) -> t
     return select_into(source, rows, buffer)
 
 
-__all__ = ["decode_attention"]
+__all__ = ["block_major_keys", "decode_attention"]

@@ -390,6 +390,8 @@ class DualRouteAttention(nn.Module):
         if routing and isinstance(layer_cache, DualRouteCacheLayer):
             # no re-reading of cached keys; asked for only if this call routes
             kwargs["key_descriptors"] = functools.partial(layer_cache.key_descriptors, self.config.route_block_size)
+            if layer_cache.write_once:  # the encoder's keys: kept block-major too, a decoding step reads them in place
+                kwargs["key_blocks"] = functools.partial(layer_cache.block_major_keys, self.config.route_block_size)
         return self._attend(query, key, value, attention_mask, input_shape, **kwargs)
 
     def _attend(self, query, key, value, attention_mask, input_shape, **kwargs):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from modeling_dualroute import route_blocks, routed_attention
 from modeling_dualroute.attention_dualroute import choose_backend, routed_attention_with_plan
+from modeling_dualroute.decode_dualroute import block_major_keys
 from modeling_dualroute.flex_dualroute import check_flex_available
 
 from oracles import naive_attention, plan_to_lists
@@ -291,6 +292,46 @@ def test_single_query_decoding_matches_reference(p, strided_cache):
     assert_matches_reference(query, key, value, options, "gather")
 
 
+@given(routing_problems(), st.booleans(), st.sampled_from([torch.float32, torch.float64]))
+def test_single_query_decoding_from_block_major_keys_matches_reference(p, reader, dtype):
+    """With the keys also given block-major (a cross-attention cache keeps them so), a decoding step outside autograd
+    reads keys and values in place (two `embedding_bag` calls): the reference's output for every mask, ragged block,
+    empty slot and GQA group. The keys may come as a tensor or as a reader, which is called only on that path."""
+    p = {**p, "kind": "cross" if p["kind"] == "bidirectional" else p["kind"], "q_len": 1}
+    p["top_k"] = max(p["top_k"], p["global_blocks"] + (p["kind"] != "cross"))
+    query, key, value, options = make_inputs(p, dtype=dtype)
+    blocks = block_major_keys(key, p["block_size"])
+    assert blocks.shape == (p["batch"], p["kv_heads"], -(-p["k_len"] // p["block_size"]), p["dim"], p["block_size"])
+    calls = []
+    key_blocks = (lambda: calls.append(1) or blocks) if reader else blocks
+    with torch.no_grad():
+        out, info = routed_attention_with_plan(
+            query, key, value, backend="gather", key_blocks=key_blocks, need_plan=False, **options
+        )
+        expected = routed_attention(query, key, value, backend="reference", **options)
+    assert info["backend"] == "gather"
+    assert calls == ([1] if reader else [])
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_block_major_keys_are_read_only_outside_autograd():
+    """With gradients the step gathers from ``key`` as before (autograd differentiates through it), and the reader
+    of block-major keys is not called."""
+    p = dict(
+        kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=61, dim=8, block_size=8, top_k=3,
+        global_blocks=1, padding="right", seed=3,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, requires_grad=True)
+
+    def reader():
+        raise AssertionError("block-major keys read with autograd on")
+
+    out = routed_attention_with_plan(query, key, value, backend="gather", key_blocks=reader, **options)[0]
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    actual = (out, *torch.autograd.grad((out * weights).sum(), (query, key, value)))
+    assert_close_all(actual, output_and_grads(query, key, value, options, "reference"), atol=2e-5)
+
+
 @pytest.fixture
 def fresh_scratch(monkeypatch):
     """The decoding kernel's per-thread scratch buffers, empty for this test."""
@@ -427,10 +468,12 @@ def test_single_query_decoding_with_an_empty_slot(length):
     _, info = routed_attention_with_plan(query, key, value, backend="gather", **options)
     assert (info["plan"] < 0).any()
     with torch.no_grad():
-        torch.testing.assert_close(
-            routed_attention(query, key, value, backend="gather", **options),
-            routed_attention(query, key, value, backend="reference", **options),
+        expected = routed_attention(query, key, value, backend="reference", **options)
+        torch.testing.assert_close(routed_attention(query, key, value, backend="gather", **options), expected)
+        from_blocks, _ = routed_attention_with_plan(
+            query, key, value, backend="gather", key_blocks=block_major_keys(key, 8), **options
         )
+        torch.testing.assert_close(from_blocks, expected)
 
 
 @pytest.mark.parametrize("causal", [False, True])

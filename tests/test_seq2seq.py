@@ -7,6 +7,7 @@ from transformers import AutoModelForSeq2SeqLM, pipeline
 import modeling_dualroute.attention_dualroute as attention_module
 from modeling_dualroute import DualRouteForConditionalGeneration, DualRouteText2TextPipeline
 from modeling_dualroute.cache_dualroute import DualRouteCacheLayer
+from modeling_dualroute.decode_dualroute import block_major_keys
 from modeling_dualroute.modeling_dualroute import apply_rotary
 from modeling_dualroute.routing_dualroute import block_sums
 
@@ -178,6 +179,7 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     values = torch.randn(2, 2, 10, 4).repeat_interleave(2, dim=0)
     layer.update(keys, values, write_once=True)
     layer.key_descriptors(4)  # descriptors exist before the reorders, which must carry them along
+    assert layer.block_major_keys(4) is layer.block_major_keys(4)  # computed once; reorders must carry it too
     stored = layer.keys
     layer.reorder_cache(torch.tensor([1, 0, 3, 2]))
     assert layer.keys is stored  # nothing moved
@@ -190,6 +192,9 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     layer.reorder_cache(torch.tensor([0, 0, 0, 3]))
     assert torch.equal(layer.keys, keys[[2, 2, 2, 1]])
     assert_descriptors_match_keys(layer)
+    assert torch.equal(layer.block_major_keys(4), block_major_keys(layer.keys, 4))
+    layer.update(keys, values)  # new keys: the block-major copy is recomputed
+    assert torch.equal(layer.block_major_keys(4), block_major_keys(layer.keys, 4))
 
 
 def test_descriptors_are_computed_only_for_calls_that_route():
@@ -251,6 +256,42 @@ def test_decoding_reads_only_the_selected_blocks(monkeypatch):
     assert len(self_attention) == 2 * (80 - 48)  # from the step where the keys outgrow the 3 blocks
     assert all(slots == 3 for _, _, slots in cross + self_attention)
     assert out.sequences.shape[1] == 81
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_cross_attention_reads_block_major_keys(monkeypatch, num_beams):
+    """Every routed cross-attention step of `generate` reads the cache's block-major keys in place, which follow beam
+    reordering and batch selection like the keys; the logits equal one full forward pass, which builds none."""
+    import modeling_dualroute.decode_dualroute as decode
+
+    calls = []
+    original = decode._attend_block_major
+    monkeypatch.setattr(decode, "_attend_block_major", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(attention_module, "AUTO_DENSE_MAX_KEYS", 0)  # 23 encoder keys: gather, not masked dense
+    model = make_model()
+    input_ids, attention_mask = source(model)  # padded: the steps mask the padding they read
+    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=num_beams, return_dict_in_generate=True)
+    out = model.generate(input_ids, attention_mask=attention_mask, output_logits=True, **options)
+    assert len(calls) == model.config.decoder_layers * 5
+    cache = out.cache
+    block_size = model.config.route_block_size
+    for operation in (
+        lambda: None,
+        lambda: cache.reorder_cache(torch.arange(2 * num_beams).flip(0)),
+        lambda: cache.batch_select_indices(torch.tensor([0, 1])),
+        lambda: cache.batch_repeat_interleave(2),
+    ):
+        operation()
+        for layer in cache.cross_attention_cache.layers:
+            assert torch.equal(layer.key_blocks, block_major_keys(layer.keys, block_size))
+    if num_beams == 1:
+        calls.clear()
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask=attention_mask, decoder_input_ids=out.sequences[:, :-1]).logits
+        assert not calls
+        torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, atol=1e-4, rtol=1e-4)
+    uncached = model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **options)
+    assert torch.equal(out.sequences, uncached.sequences)
 
 
 def test_layers_that_run_dense_route_only_when_router_indices_are_requested(monkeypatch):
