@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modeling_dualroute import DualRouteForConditionalGeneration, DualRouteModel
-from modeling_dualroute.linear_dualroute import DualRouteLinear, cpu_vendor, few_rows_for
+from modeling_dualroute.linear_dualroute import DualRouteLinear, cpu_vendor, product_policy_for
 
 from helpers import tiny_config, tiny_seq2seq_config
 
 
-DEFAULT_FEW_ROWS = DualRouteLinear.FEW_ROWS  # before the fixture below sets it
+DEFAULT_POLICY = (DualRouteLinear.PRODUCT_ROWS, DualRouteLinear.PRODUCT_MIN_OUTPUTS)  # before the fixture sets it
 
 
 def twins(in_features, out_features, bias, dtype):
@@ -24,16 +24,36 @@ def twins(in_features, out_features, bias, dtype):
 
 @pytest.fixture(autouse=True)
 def few_rows_path(monkeypatch):
-    """The product is taken on AMD CPUs only: the tests take it on any machine, so it is checked wherever they run."""
-    monkeypatch.setattr(DualRouteLinear, "FEW_ROWS", 16)
+    """Which calls take the product depends on the CPU: the tests take it for 1-16 rows of any layer on any machine,
+    so it is checked wherever they run."""
+    monkeypatch.setattr(DualRouteLinear, "PRODUCT_ROWS", range(1, 17))
+    monkeypatch.setattr(DualRouteLinear, "PRODUCT_MIN_OUTPUTS", 0)
 
 
-def test_few_rows_path_on_amd_cpus_only():
-    """The default follows the vendor: MKL's few-row ``linear`` is slow on AMD and fast on Intel (module docstring)."""
-    assert DEFAULT_FEW_ROWS == few_rows_for(cpu_vendor())
-    assert few_rows_for("AuthenticAMD") == 16
-    assert few_rows_for("GenuineIntel") == few_rows_for("") == 0
+def test_product_policy_follows_the_vendor():
+    """MKL's few-row ``linear`` is slow on AMD; on Intel it is fast but for 8-16 rows of a vocabulary-wide layer
+    (module docstring)."""
+    assert DEFAULT_POLICY == product_policy_for(cpu_vendor())
+    assert product_policy_for("AuthenticAMD") == (range(1, 17), 0)
+    assert product_policy_for("GenuineIntel") == product_policy_for("") == (range(8, 17), 8192)
     assert isinstance(cpu_vendor(), str)
+
+
+@pytest.mark.parametrize(
+    "rows, out_features, product",
+    [(8, 8192, True), (16, 8192, True), (4, 8192, False), (17, 8192, False), (8, 8191, False), (1, 512, False)],
+)
+def test_product_only_where_the_policy_says(rows, out_features, product, monkeypatch):
+    monkeypatch.setattr(DualRouteLinear, "PRODUCT_ROWS", range(8, 17))
+    monkeypatch.setattr(DualRouteLinear, "PRODUCT_MIN_OUTPUTS", 8192)
+    torch.manual_seed(0)
+    fast, plain = twins(16, out_features, False, torch.float32)
+    x = torch.randn(rows, 16)
+    calls = count_linear_calls(monkeypatch)
+    out = fast(x)
+    assert len(calls) == (not product)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, plain(x))
 
 
 def count_linear_calls(monkeypatch):
@@ -51,7 +71,7 @@ def count_linear_calls(monkeypatch):
         ((4, 1), False, torch.float32),  # a 4-beam decoding step
         ((2, 3), True, torch.float32),
         ((16,), False, torch.float32),
-        ((17,), False, torch.float32),  # past FEW_ROWS: nn.Linear itself
+        ((17,), False, torch.float32),  # past PRODUCT_ROWS: nn.Linear itself
         ((2, 20), True, torch.float32),
         ((0, 1), False, torch.float32),
         ((1, 1), True, torch.bfloat16),
@@ -60,13 +80,13 @@ def count_linear_calls(monkeypatch):
 )
 def test_equals_nn_linear(shape, bias, dtype, monkeypatch):
     """Output and gradients (input, weight, bias) equal nn.Linear's for batched, strided and half inputs; up to
-    FEW_ROWS rows torch's linear is not called, more rows go through nn.Linear itself."""
+    16 rows torch's linear is not called, more rows go through nn.Linear itself."""
     torch.manual_seed(0)
     fast, plain = twins(24, 50, bias, dtype)
     x = torch.randn(*shape, 48, dtype=dtype)[..., ::2].requires_grad_(True)  # a strided input
     calls = count_linear_calls(monkeypatch)
     out = fast(x)
-    assert len(calls) == (not 0 < x[..., 0].numel() <= DualRouteLinear.FEW_ROWS)
+    assert len(calls) == (x[..., 0].numel() not in DualRouteLinear.PRODUCT_ROWS)
     monkeypatch.undo()
     expected = plain(x)
     tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
