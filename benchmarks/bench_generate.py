@@ -12,7 +12,10 @@ the step interval divided by the batch (a batch-8 step generates 8 tokens); beam
 **What is timed.** ``generate`` calls, alternating DualRoute and dense (a warm-up pair, then ``--repeats`` pairs); a
 logits processor records the clock at every step, and the time per token is the median of all intervals between
 consecutive steps (the first step, which fills the cross-attention cache, is excluded). Every figure is thus a real ``generate`` step (decoder, cache update, logits
-processing, search) and the raw intervals are kept in the JSON. The encoder runs once per length, outside the timed
+processing, search) and the raw intervals are kept in the JSON. Every call takes exactly ``--new-tokens`` steps
+because it has no end-of-sequence token (``eos_token_id=None``); until December the benchmark asked for
+``min_new_tokens`` instead, whose logits processor masks the vocabulary at every step (~1-2 ms per step in both
+models, no part of decoding). The encoder runs once per length, outside the timed
 calls, and both decoders read the same encoder output (``generate(encoder_outputs=...)``): at 32k a dense encoder pass
 takes minutes and is not what is measured. The batch of 8 is 8 different random inputs, encoded one at a time. Before timing, cached DualRoute decoding is checked against uncached
 decoding (same tokens) at a small size.
@@ -23,11 +26,10 @@ LM head) whatever the attention. Dense cross-attention adds a read of all cached
 (~16 MB). So at batch 1 the per-token speedup at 16k is capped near (150 + 400) / (150 + 16) = 3.3x. With 4 beams
 the weights are read once per step for all beams while each beam reads its own cache: the cap rises to about
 (150 + 1600) / (150 + 64) = 8x. Measured, the floor is higher than the weight reads: a dense greedy step at 1k
-encoder tokens takes 21-28 ms on the 2-core CPU (two runs), which caps greedy at 16k near 1.5-2.3x; with 4 beams DualRoute's own step
-at 1k (the same 512 keys per head as at 16k) is already slower than 5x at 16k would allow. A batch of 8 reads the
-weights once for 8 tokens and 8 caches, so the cap rises again; but its step has a floor too (a dense batch-8 step over
-1k encoder tokens took 46-52 ms in two runs, when dense took 210-230 ms at 16k: at most 4.2-5.0x whatever the
-attention).
+encoder tokens takes ~14 ms on the 2-core Intel Xeon (21-28 ms in earlier runs), which caps greedy at 16k near 2.4x;
+with 4 beams ~28 ms (a cap near 3.9x). A batch of 8 reads the weights once for 8 tokens and 8 caches, so the cap rises
+again: a dense batch-8 step over 1k encoder tokens takes ~33 ms, when dense takes ~188 ms at 16k, a cap near 5.7x
+whatever the attention; DualRoute's step at 16k (~36 ms) adds the read of the selected keys and values.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def step_intervals(model, encoder_outputs, *, new_tokens: int, num_beams: int) -
         model.generate(
             encoder_outputs=encoder_outputs,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=None,  # no end of sequence: every call takes new_tokens steps
             num_beams=num_beams,
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
