@@ -58,8 +58,8 @@ def decode_attention(
         key_valid: ``(b, lk)`` bool, ``True`` = real key; ``None``: all real.
         causal: the query sits at key position ``query_offset`` and sees keys at or before it.
         key_blocks: the same keys block-major (`block_major_keys`), or a function that returns them (a cache layer's
-            reader, called only when this call uses them): outside autograd, float32/64 keys and values and a
-            contiguous ``value`` read them instead of gathering blocks of ``key``.
+            reader, called only when this call uses them): on CPU, outside autograd and compilation, float32/64
+            keys and values and a contiguous ``value`` read them instead of gathering blocks of ``key``.
 
     Returns:
         ``(b, hq, 1, d)``; zeros where no selected key is visible.
@@ -74,8 +74,15 @@ def decode_attention(
 
     selected = plan[:, :, 0]  # b hk k
     top_k = selected.shape[-1]
+    # Known from the shapes alone: with no padding and at least top_k candidate blocks, every key of a selected block is
+    # visible (a causal decoding query is the last key, so causality hides nothing from it), but for the ragged tail.
+    candidates = num_blocks(query_offset + 1 if causal else k_len, block_size)
+    last_key = causal and query_offset == k_len - 1
+    all_visible = key_valid is None and candidates >= top_k and (last_key or not causal)
+    ragged = k_len % block_size != 0
     if (
         key_blocks is not None
+        and query.device.type == "cpu"  # measured there; elsewhere the keys are gathered as before
         and not needs_grad
         and not torch.compiler.is_compiling()
         and query.dtype == key.dtype == value.dtype
@@ -83,49 +90,45 @@ def decode_attention(
         and value.is_contiguous()
     ):
         key_blocks = key_blocks() if callable(key_blocks) else key_blocks
+        expected = (batch, kv_heads, num_blocks(k_len, block_size), dim, block_size)
+        if key_blocks.shape != expected or key_blocks.dtype != key.dtype or key_blocks.device != key.device:
+            raise ValueError(
+                f"`key_blocks` must be `key` block-major, shape {expected}, {key.dtype} on {key.device}; got "
+                f"{tuple(key_blocks.shape)}, {key_blocks.dtype} on {key_blocks.device}."
+            )
+        # an empty slot (a block with NaN scores is never chosen) or the ragged tail reads what is not a key
+        masked = not all_visible or ragged or bool((selected < 0).any())
+        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset, masked)
         q = query.reshape(batch, kv_heads, group, dim) * scale
-        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset)
-        all_visible = (
-            key_valid is None
-            and k_len % block_size == 0
-            and not (causal and query_offset < k_len - 1)
-            and not bool((selected < 0).any())
-        )
-        output = _attend_block_major(q, key_blocks, value, selected, token, None if all_visible else visible)
-        return output.reshape(batch, q_heads, 1, dim)
+        return _attend_block_major(q, key_blocks, value, selected, token, visible).reshape(batch, q_heads, 1, dim)
 
-    # Known from the shapes alone: with no padding and at least top_k candidate blocks, every key of a selected block is
-    # visible (a causal decoding query is the last key, so causality hides nothing from it): the step reads whole
-    # blocks (`_select_whole_blocks`), masking only what it reads that is not a selected key. A ragged length is read
-    # through an overlapping view, whose gradient would be B times the size of the keys: only outside autograd.
-    # Anything else takes the token-level path with a visibility mask.
-    candidates = num_blocks(query_offset + 1 if causal else k_len, block_size)
-    last_key = causal and query_offset == k_len - 1
-    all_visible = key_valid is None and candidates >= top_k and (last_key or not causal)
-    ragged = k_len % block_size != 0
+    # The step reads whole blocks (`_select_whole_blocks`) when all are visible, masking only what it reads that is not
+    # a selected key. A ragged length is read through an overlapping view, whose gradient would be B times the size of
+    # the keys: only outside autograd. Anything else takes the token-level path with a visibility mask.
     windows_ok = k_len >= block_size and key.is_contiguous() and value.is_contiguous() and not needs_grad
     needs_mask = not (all_visible and (not ragged or windows_ok))
-    left_out = None
     if needs_mask:
-        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset)
+        token, visible = _selected_tokens(selected, block_size, k_len, key_valid, causal, query_offset, True)
         keys, values = _select_tokens(token, key, value, scratch=scratch)  # b hk k*B d
     else:
         (keys, values), left_out = _select_whole_blocks(selected, block_size, key, value, scratch=scratch)
+        visible = None if left_out is None else ~left_out
     keys, values = keys.to(compute_dtype), values.to(compute_dtype)
 
     q = query.reshape(batch, kv_heads, group, dim).to(compute_dtype) * scale  # the group's heads share the routing
-    scores = torch.matmul(q, keys.transpose(-1, -2))  # b hk g k*B
-    if needs_mask:
-        # A finite fill keeps a row without visible keys finite (uniform, then zeroed), forward and backward.
-        scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(compute_dtype).min)
-        probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
-    elif left_out is not None:
-        scores = scores.masked_fill(left_out[:, :, None, :], torch.finfo(compute_dtype).min)
-        probs = torch.softmax(scores, dim=-1) * ~left_out[:, :, None, :]
-    else:
-        probs = torch.softmax(scores, dim=-1)
+    probs = _masked_softmax(torch.matmul(q, keys.transpose(-1, -2)), visible)  # b hk g k*B
     output = torch.matmul(probs, values)  # b hk g d
     return output.reshape(batch, q_heads, 1, dim).to(query.dtype)
+
+
+def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of ``scores`` ``(b, hk, g, n)`` where ``visible`` ``(b, hk, n)`` (``None``: all);
+    hidden entries get probability 0. A finite fill keeps a row without visible keys finite (uniform, then zeroed),
+    forward and backward."""
+    if visible is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~visible[:, :, None, :], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * visible[:, :, None, :]
 
 
 def block_major_keys(key: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -145,18 +148,21 @@ def _selected_tokens(
     key_valid: torch.Tensor | None,
     causal: bool,
     query_offset: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token, visible)``, both ``(b, hk, k*B)``: the key position of each token of the selected blocks, and whether
-    it is a visible key. The ragged tail and empty slots (``-1``) are not visible and read a real key (the last one,
-    or block 0's), so that gathering them needs no bounds check."""
+    need_visible: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(token, visible)``, both ``(b, hk, k*B)``: the key position of each token of the selected blocks, and
+    (when ``need_visible``, else ``None``) whether it is a visible key. The ragged tail and empty slots (``-1``) are
+    not visible and read a real key (the last one, or block 0's), so that gathering them needs no bounds check."""
     token = (selected.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=selected.device)).flatten(
         2
     )
-    visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
-    if causal:
-        visible &= token <= query_offset
+    visible = None
+    if need_visible:
+        visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
+        if causal:
+            visible &= token <= query_offset
     token = token.clamp(max=k_len - 1)
-    if key_valid is not None:
+    if need_visible and key_valid is not None:
         visible &= torch.gather(key_valid[:, None, :].expand(-1, selected.shape[1], -1), 2, token)
     return token, visible
 
@@ -171,7 +177,7 @@ def _attend_block_major(
 ) -> torch.Tensor:
     """``(b, hk, g, d)`` attention of the scaled queries ``q`` ``(b, hk, g, d)`` over the blocks ``selected``
     ``(b, hk, k)`` (tokens ``token``, visibility ``visible`` or ``None`` for all: `_selected_tokens`), reading
-    block-major keys and contiguous values in place: two `embedding_bag` calls.
+    block-major keys and contiguous values in place: two `embedding_bag` calls of fixed-length bags.
 
     Scores: one bag per (query, selected block), the block's ``d`` rows of ``key_blocks`` weighted by the query's
     ``d`` features, giving the block's ``B`` scores. Output: one bag per query, the selected tokens' value rows
@@ -179,31 +185,21 @@ def _attend_block_major(
     batch, kv_heads, group, dim = q.shape
     n_blocks, block_size = key_blocks.shape[2], key_blocks.shape[-1]
     k_len, top_k = value.shape[2], selected.shape[-1]
-    device = q.device
-    head = torch.arange(batch * kv_heads, device=device).view(batch, kv_heads, 1)
-    key_rows = (head * n_blocks + selected.clamp(min=0))[..., None] * dim + torch.arange(dim, device=device)
-    key_rows = key_rows[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1)
-    feature_weights = q[:, :, :, None, :].expand(-1, -1, -1, top_k, -1).reshape(-1)
+    head = torch.arange(batch * kv_heads, device=q.device).view(batch, kv_heads, 1)
+    key_rows = (head * n_blocks + selected.clamp(min=0))[..., None] * dim + torch.arange(dim, device=q.device)
     scores = F.embedding_bag(
-        key_rows,
+        key_rows[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1, dim),  # b hk g k, d
         key_blocks.view(-1, block_size),
-        torch.arange(0, key_rows.numel(), dim, device=device),
         mode="sum",
-        per_sample_weights=feature_weights,
+        per_sample_weights=q[:, :, :, None, :].expand(-1, -1, -1, top_k, -1).reshape(-1, dim),
     ).view(batch, kv_heads, group, top_k * block_size)
-    if visible is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        # A finite fill keeps a row without visible keys finite (uniform, then zeroed).
-        scores.masked_fill_(~visible[:, :, None, :], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1) * visible[:, :, None, :]
-    value_rows = (head * k_len + token)[:, :, None].expand(-1, -1, group, -1).reshape(-1)
+    probs = _masked_softmax(scores, visible)
+    value_rows = (head * k_len + token)[:, :, None].expand(-1, -1, group, -1)  # b hk g k*B
     output = F.embedding_bag(
-        value_rows,
+        value_rows.reshape(-1, top_k * block_size),
         value.view(-1, dim),
-        torch.arange(0, value_rows.numel(), top_k * block_size, device=device),
         mode="sum",
-        per_sample_weights=probs.reshape(-1),
+        per_sample_weights=probs.reshape(-1, top_k * block_size),
     )
     return output.view(batch, kv_heads, group, dim)
 

@@ -16,8 +16,9 @@ A decoding step feeds every linear layer one row per sequence and beam. How fast
   too (2.7 against 5.3 ms for one row).
 
 So which calls take the product depends on the vendor (`product_policy_for`): on AMD CPUs 1 to 16 rows of every
-layer, elsewhere 8 to 16 rows of layers at least 8,192 outputs wide (`PRODUCT_ROWS`, `PRODUCT_MIN_OUTPUTS`; set the
-class attributes to change it). One row is taken as two copies of itself, since ``weight @ x^T`` with a single column
+layer, on Intel CPUs 8 to 16 rows of layers at least 8,192 outputs wide (in the shipped models the LM head), on
+other CPUs none (`PRODUCT_ROWS`, `PRODUCT_MIN_OUTPUTS`, which replace the former `FEW_ROWS`; set the class attributes
+to change it). One row is taken as two copies of itself, since ``weight @ x^T`` with a single column
 runs torch's matrix-vector kernel, as slow there as ``linear``. Beyond 16 rows ``linear`` is as fast or faster on
 both. Being the module's own ``forward``, the product is seen by hooks, adapters (LoRA wraps the module and calls it)
 and offloading wrappers like any ``nn.Linear``; state dict keys are ``nn.Linear``'s.
@@ -45,10 +46,13 @@ def cpu_vendor() -> str:
 
 def product_policy_for(vendor: str) -> tuple[range, int]:
     """``(rows, narrowest output)``: on a CPU of ``vendor``, `DualRouteLinear` takes a call of ``rows`` rows as
-    ``weight @ x^T`` when the layer has at least that many outputs (measurements in the module docstring)."""
+    ``weight @ x^T`` when the layer has at least that many outputs (measurements in the module docstring); on CPUs
+    not measured, never."""
     if vendor == "AuthenticAMD":
         return range(1, 17), 0
-    return range(8, 17), 8192
+    if vendor == "GenuineIntel":
+        return range(8, 17), 8192
+    return range(0), 0
 
 
 def plain_weight_on(layer: nn.Linear, device: torch.device) -> bool:

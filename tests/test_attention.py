@@ -314,6 +314,34 @@ def test_single_query_decoding_from_block_major_keys_matches_reference(p, reader
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_block_major_keys_that_do_not_match_the_keys_raise():
+    query, key, value = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    options = dict(block_size=8, top_k=3, cross=True, global_blocks=1, backend="gather")
+    with torch.no_grad():
+        for wrong in (block_major_keys(key[:1], 8), block_major_keys(key, 4), block_major_keys(key.double(), 8)):
+            with pytest.raises(ValueError, match="`key_blocks` must be `key` block-major"):
+                routed_attention_with_plan(query, key, value, key_blocks=wrong, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decoding_gathers_and_never_reads_block_major_keys(dtype):
+    """Half-precision steps are computed in float32 from gathered keys, as before; the reader is not called, so a cache
+    never builds the second copy for them."""
+    p = dict(
+        kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=61, dim=8, block_size=8, top_k=3,
+        global_blocks=1, padding="right", seed=5,
+    )  # fmt: skip
+    query, key, value, options = make_inputs(p, dtype=dtype)
+
+    def reader():
+        raise AssertionError("block-major keys read for half-precision inputs")
+
+    with torch.no_grad():
+        out, _ = routed_attention_with_plan(query, key, value, backend="gather", key_blocks=reader, **options)
+        expected = routed_attention(query, key, value, backend="reference", **options)
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+
 def test_block_major_keys_are_read_only_outside_autograd():
     """With gradients the step gathers from ``key`` as before (autograd differentiates through it), and the reader
     of block-major keys is not called."""

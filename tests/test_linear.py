@@ -35,7 +35,8 @@ def test_product_policy_follows_the_vendor():
     (module docstring)."""
     assert DEFAULT_POLICY == product_policy_for(cpu_vendor())
     assert product_policy_for("AuthenticAMD") == (range(1, 17), 0)
-    assert product_policy_for("GenuineIntel") == product_policy_for("") == (range(8, 17), 8192)
+    assert product_policy_for("GenuineIntel") == (range(8, 17), 8192)
+    assert product_policy_for("") == product_policy_for("ARM") == (range(0), 0)  # not measured: never
     assert isinstance(cpu_vendor(), str)
 
 

@@ -197,6 +197,27 @@ def test_write_once_layer_skips_only_reorders_between_identical_rows():
     assert torch.equal(layer.block_major_keys(4), block_major_keys(layer.keys, 4))
 
 
+def test_block_major_keys_are_dropped_or_moved_with_the_keys():
+    """Whatever changes a layer's keys drops its block-major copy (recomputed when next asked for) or applies the same
+    change to it: update, crop, reset; offload and prefetch move it with the keys."""
+    layer = DualRouteCacheLayer()
+    keys, values = torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4)
+    layer.update(keys, values, write_once=True)
+    layer.block_major_keys(4)
+    layer.offload()
+    assert layer.key_blocks.device.type == "cpu"
+    layer.prefetch()
+    assert torch.equal(layer.block_major_keys(4), block_major_keys(layer.keys, 4))
+    layer.update(keys[:, :, :3], values[:, :, :3])  # appended: no longer write-once
+    assert layer.key_blocks is None and not layer.write_once
+    assert torch.equal(layer.block_major_keys(4), block_major_keys(layer.keys, 4))
+    layer.crop(-5)
+    assert layer.key_blocks is None
+    assert layer.block_major_keys(4).shape == (2, 2, 2, 4, 4)  # 8 keys left: two blocks
+    layer.reset()
+    assert layer.key_blocks is None
+
+
 def test_descriptors_are_computed_only_for_calls_that_route():
     """While the decoder holds at most top_k (2) blocks its self-attention is dense: its cache computes no
     descriptors. The encoder's 6 blocks are routed from the first step."""
