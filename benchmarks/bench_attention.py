@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 
@@ -187,6 +188,15 @@ def measure_scaling(lengths: list[int], rounds: int = 20) -> list[dict]:
     ]
 
 
+def per_doubling(n0: int, t0: float, n1: int, t1: float) -> float:
+    """How much the time grows per doubling of N from (n0, t0) to (n1, t1): a quick run may skip lengths."""
+    return (t1 / t0) ** (1 / math.log2(n1 / n0))
+
+
+def length_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def row_order(row: dict) -> tuple:
     """Sort key of the JSON's rows; a stable sort keeps, per N, forward, forward+backward, routing, scaling."""
     return row["causal"], row["n"]
@@ -248,10 +258,12 @@ def summarize(rows: list[dict]) -> dict:
     # growth per doubling: from the scaling rows (DualRoute alone, lengths in turns) when measured, else from the main
     # pass; the main pass's figures are kept next to it
     main_pass = [
-        fastest_forward(large) / fastest_forward(small) for small, large in zip(lengths, lengths[1:]) if small >= 4096
+        per_doubling(small, fastest_forward(small), large, fastest_forward(large))
+        for small, large in zip(lengths, lengths[1:])
+        if small >= 4096
     ]
     scaling = sorted((r["n"], r["median_s"]) for r in rows if r["mode"] == "scaling" and r["n"] >= 4096)
-    growth = [t1 / t0 for (_, t0), (_, t1) in zip(scaling, scaling[1:])] if len(scaling) > 1 else main_pass
+    growth = [per_doubling(*a, *b) for a, b in zip(scaling, scaling[1:])] if len(scaling) > 1 else main_pass
     if growth:
         targets["forward_growth_per_doubling_4k_32k"] = {
             "value": max(growth),
@@ -272,7 +284,7 @@ def render(payload: dict) -> str:
         table = []
         for n in sorted({r["n"] for r in rows if r["causal"] == causal and r["mode"] != "routing"}):
             for mode in ("forward", "forward_backward"):
-                cells = [f"{n // 1024}k" if n % 1024 == 0 else n, mode.replace("_", "+")]
+                cells = [length_label(n), mode.replace("_", "+")]
                 for method in METHODS:
                     row = next(
                         (
@@ -299,7 +311,7 @@ def render(payload: dict) -> str:
     if scaling:
         out.append(
             f"Scaling, `auto` alone, forward, the lengths taking turns ({len(scaling[0]['runs_s'])} rounds): "
-            + ", ".join(f"{r['n'] // 1024}k {r['median_s'] * 1000:.0f} ms" for r in scaling)
+            + ", ".join(f"{length_label(r['n'])} {r['median_s'] * 1000:.0f} ms" for r in scaling)
             + "."
         )
     targets = payload.get("targets", {})

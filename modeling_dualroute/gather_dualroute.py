@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .linear_dualroute import cpu_vendor
 from .routing_dualroute import indices_from_selection, num_blocks
 
 
@@ -32,9 +33,16 @@ _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-# Scores computed per chunk (float32 elements). Chosen by measurement on a 2-core CPU (benchmarks/README.md): a chunk
-# of scores that stays in the last-level cache, large enough that the batched matmuls run at full speed.
-SCORE_ELEMENTS_PER_CHUNK = 1 << 19
+def score_elements_per_chunk_for(vendor: str) -> int:
+    """Scores computed per chunk (float32 elements) on a CPU of ``vendor``, chosen by measurement on 2-core CPUs
+    (benchmarks/README.md): a chunk whose gathered keys and values stay in cache, large enough that the kernel runs at
+    full speed and its per-chunk dispatch (~0.2 ms of small ops) stays small. AMD EPYC: 2^19 (16 tiles of 64 queries x
+    512 keys; 4 and 8 tiles were 10-25% slower, 32 the same or slower). Intel Xeon: 2^20, 32 tiles, 5-12% faster
+    than 16 at 4k-16k tokens forward and forward+backward (within the noise at 1k; 64 tiles slower at 1k and 4k)."""
+    return 1 << 20 if vendor == "GenuineIntel" else 1 << 19
+
+
+SCORE_ELEMENTS_PER_CHUNK = score_elements_per_chunk_for(cpu_vendor())
 
 # Query rows per tile when routing per token: tiles gather the union of their rows' blocks, so smaller tiles waste less
 # work on blocks a row did not choose, larger tiles give larger matmuls.

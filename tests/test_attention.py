@@ -106,6 +106,16 @@ def test_gather_matches_reference_fixed_cases(kind, q_len, k_len, block_size, to
     assert_matches_reference(query, key, value, options, "gather")
 
 
+def test_chunk_budget_follows_the_vendor():
+    """The tile kernel's chunk of scores was measured per CPU vendor (benchmarks/README.md)."""
+    import modeling_dualroute.gather_dualroute as gather
+    from modeling_dualroute.linear_dualroute import cpu_vendor
+
+    assert gather.SCORE_ELEMENTS_PER_CHUNK == gather.score_elements_per_chunk_for(cpu_vendor())
+    assert gather.score_elements_per_chunk_for("GenuineIntel") == 1 << 20
+    assert gather.score_elements_per_chunk_for("AuthenticAMD") == gather.score_elements_per_chunk_for("") == 1 << 19
+
+
 @given(routing_problems())
 def test_gather_inference_matches_reference(p):
     """Inference (no autograd graph to record) meets the same contract."""
