@@ -69,3 +69,16 @@ def test_growth_comes_from_the_scaling_rows_when_measured(bench):
     assert growth["main_pass"] == pytest.approx([2.0, 2.5]) and growth["measured_in"].startswith("scaling")
     text = bench.render({"config": bench.CONFIG, "rows": rows, **bench.summarize(rows)})
     assert "Scaling, `auto` alone, forward, the lengths taking turns (8 rounds): 4k 1000 ms, 8k 2100 ms" in text
+
+
+def test_growth_per_doubling_when_a_run_skips_lengths(bench):
+    """A quick run over 1k, 4k and 16k: 4x the time over two doublings is 2x per doubling, not 4x."""
+    rows = synthetic_rows() + [
+        dict(n=n, causal=False, mode="scaling", method="auto", median_s=t, runs_s=[t] * 4)
+        for n, t in ((256, 0.001), (1024, 0.01), (4096, 1.0), (16384, 4.0))
+    ]
+    growth = bench.summarize(rows)["targets"]["forward_growth_per_doubling_4k_32k"]
+    assert growth["all"] == pytest.approx([2.0]) and growth["met"]
+    assert bench.per_doubling(4096, 1.0, 8192, 2.2) == pytest.approx(2.2)
+    text = bench.render({"config": bench.CONFIG, "rows": rows, **bench.summarize(rows)})
+    assert "256 1 ms, 1k 10 ms, 4k 1000 ms, 16k 4000 ms" in text
