@@ -424,9 +424,9 @@ def dualroute_attention_forward(
     Reads the routing settings from ``module.config`` (``route_block_size``, ``route_topk``, ``route_global_blocks``,
     ``route_backend``; defaults 64 / 8 / 1 / auto for models whose config lacks them), causality from
     ``module.is_causal`` and cross-attention from ``module.is_cross_attention``. A module with ``routed = False`` (a
-    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` and ``key_blocks`` (from the cache),
-    ``routing_query`` / ``routing_key`` (what level 1 routes on, e.g. the vectors before RoPE) and ``router_info`` (a
-    dict that receives the routing plan; for a dense layer, every candidate block).
+    ``"full_attention"`` layer) attends to every block. Extra keyword arguments: ``key_descriptors`` and
+    ``key_blocks`` (from the cache), ``routing_query`` / ``routing_key`` (what level 1 routes on, e.g. the vectors
+    before RoPE) and ``router_info`` (a dict that receives the routing plan; for a dense layer, every candidate block).
 
     Returns ``(output (batch, q_len, heads, head_dim), weights or None)``; weights when ``output_attentions``.
     """

@@ -23,10 +23,11 @@ copies all encoder keys and values (at 16k tokens and 4 beams, 270 MB per layer 
 identical rows already are. A write-once layer finds, once, which of its rows are identical, and skips a reorder that
 only swaps identical rows; any other reorder is carried out in full. This serves dense and routed attention alike.
 
-On CPU, a write-once layer that routes single float32/float64 decoding queries also keeps its keys block-major (`block_major_keys`, built at
-the first such step), which lets each step read the selected keys in place instead of copying them out
-(`decode_dualroute.py`). That copy costs the memory of the keys once more (the cross-attention cache grows by half:
-6 layers x 16k tokens x 512 x 4 B = 200 MB per sequence), for a decoding step ~10% faster at 16k encoder tokens.
+On CPU, a write-once layer that routes single float32/float64 decoding queries also keeps its keys block-major
+(`block_major_keys`, built at the first such step), which lets each step read the selected keys in place instead of
+copying them out (`decode_dualroute.py`). That copy costs the memory of the keys once more (the cross-attention cache
+grows by half: 6 layers x 16k tokens x 512 x 4 B = 200 MB per sequence), for a decoding step ~10% faster at 16k
+encoder tokens.
 """
 
 from __future__ import annotations

@@ -153,9 +153,8 @@ def _selected_tokens(
     """``(token, visible)``, both ``(b, hk, k*B)``: the key position of each token of the selected blocks, and
     (when ``need_visible``, else ``None``) whether it is a visible key. The ragged tail and empty slots (``-1``) are
     not visible and read a real key (the last one, or block 0's), so that gathering them needs no bounds check."""
-    token = (selected.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=selected.device)).flatten(
-        2
-    )
+    offsets = torch.arange(block_size, device=selected.device)
+    token = (selected.clamp(min=0)[..., None] * block_size + offsets).flatten(2)
     visible = None
     if need_visible:
         visible = (selected >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (token < k_len)
