@@ -333,19 +333,26 @@ def test_block_major_keys_that_do_not_match_the_keys_raise():
                 routed_attention_with_plan(query, key, value, key_blocks=wrong, **options)
 
 
+# A padded cross-attention decoding step with a ragged last block, and a reader of block-major keys it must not call.
+DECODING_STEP = dict(
+    kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=61, dim=8, block_size=8, top_k=3, global_blocks=1,
+    padding="right", seed=5,
+)  # fmt: skip
+
+
+def forbidden_reader(why: str):
+    def reader():
+        raise AssertionError(f"block-major keys read {why}")
+
+    return reader
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_decoding_gathers_and_never_reads_block_major_keys(dtype):
     """Half-precision steps are computed in float32 from gathered keys, as before; the reader is not called, so a cache
     never builds the second copy for them."""
-    p = dict(
-        kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=61, dim=8, block_size=8, top_k=3,
-        global_blocks=1, padding="right", seed=5,
-    )  # fmt: skip
-    query, key, value, options = make_inputs(p, dtype=dtype)
-
-    def reader():
-        raise AssertionError("block-major keys read for half-precision inputs")
-
+    query, key, value, options = make_inputs(DECODING_STEP, dtype=dtype)
+    reader = forbidden_reader("for half-precision inputs")
     with torch.no_grad():
         out, _ = routed_attention_with_plan(query, key, value, backend="gather", key_blocks=reader, **options)
         expected = routed_attention(query, key, value, backend="reference", **options)
@@ -355,15 +362,8 @@ def test_half_precision_decoding_gathers_and_never_reads_block_major_keys(dtype)
 def test_block_major_keys_are_read_only_outside_autograd():
     """With gradients the step gathers from ``key`` as before (autograd differentiates through it), and the reader
     of block-major keys is not called."""
-    p = dict(
-        kind="cross", batch=2, kv_heads=2, q_heads=4, q_len=1, k_len=61, dim=8, block_size=8, top_k=3,
-        global_blocks=1, padding="right", seed=3,
-    )  # fmt: skip
-    query, key, value, options = make_inputs(p, requires_grad=True)
-
-    def reader():
-        raise AssertionError("block-major keys read with autograd on")
-
+    query, key, value, options = make_inputs(DECODING_STEP, requires_grad=True)
+    reader = forbidden_reader("with autograd on")
     out = routed_attention_with_plan(query, key, value, backend="gather", key_blocks=reader, **options)[0]
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     actual = (out, *torch.autograd.grad((out * weights).sum(), (query, key, value)))
