@@ -26,6 +26,7 @@ and offloading wrappers like any ``nn.Linear``; state dict keys are ``nn.Linear`
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -33,8 +34,10 @@ import torch
 from torch import nn
 
 
+@functools.cache
 def cpu_vendor() -> str:
-    """The CPU's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``, ...) or ``""`` where it cannot be read."""
+    """The CPU's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``, ...) or ``""`` where it cannot be read; read
+    once (the linear layers and the tile kernel both pick their defaults by it at import)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
